@@ -1,0 +1,145 @@
+"""Command line: parse arguments and call the library; no logic lives here.
+
+Each subcommand has its own `_add_<name>` block (its flags) and dispatches to one library function,
+imported lazily so that `evomerge --help` never imports torch, transformers, lm_eval or ray.
+`EvomergeError` (bad user input) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evomerge import __version__
+from evomerge.errors import EvomergeError
+
+
+# --- merge / validate (merge engine) -------------------------------------------------------------
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models as a mergekit YAML recipe says, into OUT")
+    p.add_argument("config", help="mergekit-style YAML recipe")
+    p.add_argument("out", help="output folder (Hugging Face layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--out-shard-size", default="5GB", help="largest shard, e.g. 500MB, 5GB (default 5GB)")
+    p.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda, cuda:1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run_merge)
+
+    v = sub.add_parser("validate", help="check a recipe and its sources without merging")
+    v.add_argument("config", help="mergekit-style YAML recipe")
+    v.set_defaults(func=_run_validate)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from evomerge.merge import merge_to_dir
+
+    merge_to_dir(
+        args.config,
+        args.out,
+        overwrite=args.overwrite,
+        shard_size=args.out_shard_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from evomerge.merge import validate_config
+
+    summary = validate_config(args.config)
+    print(summary)
+    return 0
+
+
+# --- toy (embedded model family) -----------------------------------------------------------------
+def _add_toy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("toy", help="locate, rebuild or evaluate the embedded toy model family")
+    p.set_defaults(func=_run_toy_path)
+    tsub = p.add_subparsers(dest="toy_command")
+    path = tsub.add_parser("path", help="print where the embedded family lives")
+    path.set_defaults(func=_run_toy_path)
+    build = tsub.add_parser("build", help="rebuild the family from scratch (deterministic)")
+    build.add_argument("out", help="output folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="reduced build for tests (seconds)")
+    build.set_defaults(func=_run_toy_build)
+
+
+def _run_toy_path(args: argparse.Namespace) -> int:
+    from evomerge.toy import family
+
+    print(family().root)
+    return 0
+
+
+def _run_toy_build(args: argparse.Namespace) -> int:
+    from evomerge.toy import build
+
+    fam = build(args.out, seed=args.seed, quick=args.quick)
+    print(fam.root)
+    return 0
+
+
+# --- search --------------------------------------------------------------------------------------
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search merge recipes with Optuna, scored in memory by lm-eval",
+        description="Search merge recipes with Optuna. Running the same command again resumes the "
+        "study in OUT and completes the budget. Flags override the space file's `search:` section.",
+    )
+    p.add_argument("space", help="search space YAML (see search_spaces/)")
+    p.add_argument("--trials", type=int, help="budget: finished trials in the study (default: the space's)")
+    p.add_argument("--out", help="run folder (default: runs/<space name>)")
+    p.add_argument("--sampler", choices=["auto", "cmaes", "tpe", "nsga2", "random", "grid"],
+                   help="Optuna sampler (auto: CMA-ES for float spaces, TPE otherwise, NSGA-II multi-objective)")
+    p.add_argument("--pruner", choices=["none", "median", "hyperband", "successive_halving"],
+                   help="Optuna pruner; needs search.fidelity in the space")
+    p.add_argument("--seed", type=int, help="sampler and subset seed")
+    p.add_argument("--limit", type=int, help="items of the search split per trial (seeded subset)")
+    p.add_argument("--top-k", type=int, help="candidates re-scored on the select split")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    p.add_argument("--workers", type=int, default=1, help="parallel workers (more than 1 uses Ray)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of running in-process")
+    p.add_argument("--trial-timeout", type=float, help="seconds a trial may take before it counts as failed")
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker")
+    p.add_argument("--evaluator", help=argparse.SUPPRESS)  # module:callable, for tests and plug-ins
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from evomerge.search import run_search_cli
+
+    return run_search_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Search model-merge recipes and export them as mergekit-compatible YAML.",
+    )
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_search(sub)
+    _add_merge(sub)
+    _add_toy(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

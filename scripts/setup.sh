@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install evomerge and its test dependencies into ./.venv (idempotent; offline-safe after the first run).
+# torch is installed first and pinned: an unpinned torch pulled in by another package would fetch
+# gigabytes of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c "import torch, evomerge; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "evomerge installed in $(pwd)/.venv"
