@@ -1,0 +1,46 @@
+"""The merge-method registry: look a method up by its mergekit name, with a "did you mean".
+
+Each method lives in its own module and declares its tunables once (see base.py). Importing this
+package does not import torch; the arithmetic imports it when a merge actually runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from evomerge.errors import ConfigError
+from evomerge.methods.base import MergeMethod, Tunable
+from evomerge.methods.dare import DareLinear, DareTies
+from evomerge.methods.linear import Linear
+from evomerge.methods.passthrough import Passthrough
+from evomerge.methods.slerp import Slerp
+from evomerge.methods.task_arithmetic import TaskArithmetic
+from evomerge.methods.ties import Ties
+
+_REGISTRY: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Passthrough())
+}
+
+__all__ = ["MergeMethod", "Tunable", "get", "names"]
+
+
+def names() -> tuple[str, ...]:
+    """Registered method names, in a stable order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> MergeMethod:
+    """The method called `name`, or ConfigError(where="merge_method") suggesting the closest."""
+    method = _REGISTRY.get(name) if isinstance(name, str) else None
+    if method is not None:
+        return method
+    known = names()
+    text = str(name)
+    close = difflib.get_close_matches(text.lower().replace("-", "_"), known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"unknown merge method {name!r}",
+        where="merge_method",
+        fix=f"{hint}known methods: {', '.join(known)}",
+    )

@@ -1,0 +1,517 @@
+"""What every merge method is: declared tunables, input rules, and the shared tensor arithmetic.
+
+A merge method is pure arithmetic on the tensors of one output weight. This module holds the parts
+all methods share, so each method module is only its own formula:
+
+- `Tunable`: the ONE place a parameter is declared (name, default, valid range, whether it is per
+  model or global, whether a search may tune it). The recipe validator and the search space read
+  bounds and defaults from here; nothing else repeats them.
+- `MergeMethod`: the contract the engine calls (`merge`), plus the checks the engine runs before any
+  heavy work (`check_models`, `check_params`, `Tunable.check`).
+- Shared math that follows mergekit 0.1.5 exactly: magnitude trimming (with a linear-time top-k),
+  DARE's Bernoulli drop, L1 rescaling, TIES sign election. The task-vector skeleton that uses
+  them (delta, weight, consensus, normalise, lambda) is `task_arithmetic.TaskArithmetic`.
+
+torch is imported inside functions only, so importing the registry (to validate a YAML file or to
+print `--help`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from evomerge.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+Kind = Literal["model", "global"]
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """One parameter of a merge method, declared once.
+
+    `low`/`high` are the VALID range (None = unbounded); `low_open`/`high_open` make an end
+    exclusive (density is in (0, 1]). `search_low`/`search_high` are the suggested range for a
+    search (default: the valid range); a search may only tune a tunable with `searchable=True`.
+    `kind="model"` values are given per input model (weight, density); `kind="global"` values are
+    shared by all inputs of a tensor (t, lambda, normalize). `type` is "float" or "bool".
+    A tunable with `default=None` and `required=False` is simply absent unless given (passthrough's
+    `scale`).
+    """
+
+    name: str
+    default: float | bool | None = None
+    low: float | None = None
+    high: float | None = None
+    required: bool = False
+    kind: Kind = "model"
+    searchable: bool = True
+    type: Literal["float", "bool"] = "float"
+    low_open: bool = False
+    high_open: bool = False
+    search_low: float | None = None
+    search_high: float | None = None
+    doc: str = ""
+
+    @property
+    def search_range(self) -> tuple[float, float] | None:
+        """The (low, high) a search should use, or None if not searchable / not a number."""
+        if not self.searchable or self.type != "float":
+            return None
+        low = self.search_low if self.search_low is not None else self.low
+        high = self.search_high if self.search_high is not None else self.high
+        if low is None or high is None:
+            return None
+        return (float(low), float(high))
+
+    def describe_range(self) -> str:
+        if self.type == "bool":
+            return "true or false"
+        if self.low is None and self.high is None:
+            return "a finite number"
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"a number in {left}{low}, {high}{right}"
+
+    def check(self, value: Any, where: str) -> float | bool:
+        """Return `value` as this tunable's type, or raise ConfigError naming `where`."""
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ConfigError(
+                f"{self.name} must be true or false, got {value!r}",
+                where=where,
+                fix=f"write {self.name}: true or {self.name}: false",
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"{self.name} must be a number, got {value!r}",
+                where=where,
+                fix=f"set {self.name} to {self.describe_range()}",
+            )
+        number = float(value)
+        if not math.isfinite(number):
+            raise ConfigError(
+                f"{self.name} must be finite, got {value!r}",
+                where=where,
+                fix=f"set {self.name} to {self.describe_range()}",
+            )
+        too_low = self.low is not None and (
+            number <= self.low if self.low_open else number < self.low
+        )
+        too_high = self.high is not None and (
+            number >= self.high if self.high_open else number > self.high
+        )
+        if too_low or too_high:
+            raise ConfigError(
+                f"{self.name}={value!r} is out of range",
+                where=where,
+                fix=f"set {self.name} to {self.describe_range()}",
+            )
+        return number
+
+
+class MergeMethod:
+    """Base class: subclasses set the class attributes and implement `_merge`.
+
+    Attributes:
+        name: the mergekit `merge_method` string.
+        requires_base: the method treats one input as the base (and needs one).
+        model_count: (min, max or None) number of INPUTS, base included, as mergekit counts them.
+        tensor_params: per-model tunables (`kind="model"`).
+        global_params: per-tensor shared tunables (`kind="global"`).
+        base_takes_model_params: whether the base input also gets per-model values (linear: yes, the
+            base is an ordinary input; task arithmetic family: no, only non-base models do).
+        uses_generator: whether `merge` draws random numbers (DARE).
+    """
+
+    name: ClassVar[str]
+    requires_base: ClassVar[bool] = False
+    model_count: ClassVar[tuple[int, int | None]] = (1, None)
+    tensor_params: ClassVar[tuple[Tunable, ...]] = ()
+    global_params: ClassVar[tuple[Tunable, ...]] = ()
+    base_takes_model_params: ClassVar[bool] = True
+    uses_generator: ClassVar[bool] = False
+    reference_url: ClassVar[str] = ""
+
+    # ---- declarations ---------------------------------------------------------------------
+    @property
+    def tunables(self) -> tuple[Tunable, ...]:
+        return self.tensor_params + self.global_params
+
+    def tunable(self, name: str) -> Tunable | None:
+        return next((t for t in self.tunables if t.name == name), None)
+
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tunables)
+
+    def params_for(self, model: str, base: str | None) -> tuple[Tunable, ...]:
+        """The per-model tunables that `model` takes (none for the base of a base-aware method)."""
+        if self.requires_base and model == base and not self.base_takes_model_params:
+            return ()
+        return self.tensor_params
+
+    # ---- checks the engine runs before merging ---------------------------------------------
+    def check_param_name(self, name: str, where: str) -> Tunable:
+        """Return the tunable called `name`, or raise ConfigError with a suggestion."""
+        import difflib
+
+        found = self.tunable(name)
+        if found is not None:
+            return found
+        known = self.param_names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listing = ", ".join(known) if known else "none"
+        raise ConfigError(
+            f"unknown parameter {name!r} for merge method {self.name!r}",
+            where=where,
+            fix=f"{hint}{self.name} takes: {listing}",
+        )
+
+    def check_params(self, params: dict[str, Any], where: str) -> dict[str, float | bool]:
+        """Check a `parameters:` mapping of scalar values (names and ranges). Returns coerced values.
+
+        `where` is the field path of the mapping, e.g. "models[1].parameters"; errors name
+        "models[1].parameters.density".
+        """
+        out = {}
+        for key, value in params.items():
+            tunable = self.check_param_name(key, f"{where}.{key}")
+            out[key] = tunable.check(value, f"{where}.{key}")
+        return out
+
+    def inputs(self, models: list[str], base: str | None, *, append_base: bool = True) -> list[str]:
+        """The ordered input list mergekit builds: with `models:`, a base that is not listed is
+        appended at the end (for every method); with `slices:` (`append_base=False`) it is not."""
+        order = list(models)
+        if append_base and base is not None and base not in order:
+            order.append(base)
+        return order
+
+    def check_models(
+        self, models: list[str], base: str | None, where: str = "models", *, append_base: bool = True
+    ) -> list[str]:
+        """Check input count and base rules; return the ordered inputs `merge` will receive."""
+        seen = set()
+        for model in models:
+            if model in seen:
+                raise ConfigError(
+                    f"model {model!r} is listed twice",
+                    where=where,
+                    fix="list each input model once",
+                )
+            seen.add(model)
+        order = self.inputs(models, base, append_base=append_base)
+        if self.requires_base:
+            if base is None:
+                raise ConfigError(
+                    f"merge method {self.name!r} needs a base model",
+                    where="base_model",
+                    fix=f"add base_model: <path> (the model {self.name} computes task vectors"
+                    " against / interpolates from)",
+                )
+            if base not in order:
+                raise ConfigError(
+                    f"base model {base!r} is not among the inputs",
+                    where=where,
+                    fix="add the base model to the sources of this slice",
+                )
+        low, high = self.model_count
+        count = len(order)
+        if count < low or (high is not None and count > high):
+            if high == low:
+                need = f"exactly {low}"
+            elif high is None:
+                need = f"at least {low}"
+            else:
+                need = f"between {low} and {high}"
+            base_note = " (the base model counts)" if base is not None and base in order else ""
+            raise ConfigError(
+                f"merge method {self.name!r} takes {need} input models{base_note}, got {count}",
+                where=where,
+                fix=f"give {self.name} {need} models",
+            )
+        return order
+
+    # ---- the merge ------------------------------------------------------------------------
+    def merge(
+        self,
+        tensors: dict[str, torch.Tensor],
+        base: str | None,
+        model_params: dict[str, dict],
+        global_params: dict,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Merge the tensors of one output weight.
+
+        `tensors` is ordered as the inputs (see `inputs`), base included. `model_params[m]` and
+        `global_params` hold resolved scalars; missing ones take the Tunable default (or raise
+        ConfigError when required); a name the method does not declare is a ConfigError. Values
+        the method does not use for that input (the base's own weight in TIES) are ignored, as
+        mergekit ignores them. Inputs of different float dtypes are promoted to a common dtype
+        first (as mergekit does); the result has that dtype and the common shape. Non-floating
+        tensors (integer buffers) must agree across inputs and are copied. `generator` is used only
+        by methods with `uses_generator` (see their docs); None means torch's global RNG.
+        """
+        import torch
+
+        if not tensors:
+            raise ConfigError(f"merge method {self.name!r} got no input tensors", where="models")
+        names = list(tensors)
+        base_name = base if (self.requires_base and base is not None) else None
+        self.check_models(names, base_name, where="models", append_base=False)
+        values = [tensors[n] for n in names]
+        first = values[0]
+        for n, v in zip(names, values):
+            if v.shape != first.shape:
+                raise CheckpointError(
+                    f"tensor shapes disagree: {names[0]} has {tuple(first.shape)}, {n} has "
+                    f"{tuple(v.shape)}",
+                    where=n,
+                    fix="merge models of the same architecture and size",
+                )
+        if not all(v.is_floating_point() for v in values):
+            if any(v.dtype != first.dtype or not torch.equal(v, first) for v in values[1:]):
+                raise CheckpointError(
+                    "a non-floating-point buffer differs between inputs",
+                    where=", ".join(names),
+                    fix="merge models whose integer buffers agree",
+                )
+            return first.clone()
+        dtype = first.dtype
+        for v in values[1:]:
+            dtype = torch.promote_types(dtype, v.dtype)
+        values = [v.to(dtype) for v in values]
+        for model, given in (model_params or {}).items():
+            for key in given or {}:
+                self.check_param_name(key, f"parameters.{key} (model {model})")
+        for key in global_params or {}:
+            self.check_param_name(key, f"parameters.{key}")
+        per_model = [self._resolve_model(n, base_name, model_params.get(n) or {}) for n in names]
+        shared = self._resolve_global(global_params or {})
+        base_index = names.index(base_name) if base_name is not None else None
+        result = self._merge(values, base_index, per_model, shared, generator)
+        if result.shape != first.shape or result.dtype != dtype:
+            raise AssertionError(  # a bug in a method, not a user error
+                f"{self.name} returned {tuple(result.shape)} {result.dtype}, expected "
+                f"{tuple(first.shape)} {dtype}"
+            )
+        return result
+
+    def _resolve_model(self, model: str, base: str | None, given: dict) -> dict:
+        out = {}
+        for tunable in self.params_for(model, base):
+            where = f"parameters.{tunable.name} (model {model})"
+            value = given.get(tunable.name)
+            if value is None:
+                if tunable.required:
+                    raise ConfigError(
+                        f"missing required parameter {tunable.name!r} for model {model!r}",
+                        where=where,
+                        fix=f"set {tunable.name} in the model's parameters or the global"
+                        " parameters",
+                    )
+                out[tunable.name] = tunable.default
+            else:
+                out[tunable.name] = tunable.check(value, where)
+        return out
+
+    def _resolve_global(self, given: dict) -> dict:
+        out = {}
+        for tunable in self.global_params:
+            where = f"parameters.{tunable.name}"
+            value = given.get(tunable.name)
+            if value is None:
+                if tunable.required:
+                    raise ConfigError(
+                        f"missing required parameter {tunable.name!r} for {self.name}",
+                        where=where,
+                        fix=f"set {tunable.name} in the recipe's parameters",
+                    )
+                out[tunable.name] = tunable.default
+            else:
+                out[tunable.name] = tunable.check(value, where)
+        return out
+
+    def _merge(
+        self,
+        tensors: list[torch.Tensor],
+        base_index: int | None,
+        model_params: list[dict],
+        global_params: dict,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The formula: inputs share one float dtype and shape; params are checked and complete."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<merge method {self.name}>"
+
+
+# ---- shared tensor arithmetic (mergekit 0.1.5 semantics) ---------------------------------------
+
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
+
+
+def masked_l1_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """`tensor * mask`, and with `rescale` scaled so its L1 norm equals the unmasked one.
+
+    This is mergekit's `rescale` (RescaleNorm.l1), not a plain 1/density factor. When either norm
+    is below 1e-7 the masked tensor is returned unscaled.
+    """
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def _argsort_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+    """mergekit's own selection: the first k of a descending argsort of the magnitudes."""
+    import torch
+
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[torch.argsort(w, descending=True)[:k]] = True
+    return mask
+
+
+_HALF_NAN_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}  # |x| bit patterns above these are NaN
+
+
+def _cut(tensor: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int, bool] | None:
+    """Split |tensor| (flat) at its k-th largest value.
+
+    Returns (above the cut, at the cut, how many above, how many at, whether the cut is 0), or None
+    when a NaN is present (the caller then defers to argsort, as mergekit sorts NaNs).
+    16-bit floats use a 2**15-bin histogram of their magnitude bit patterns (order-preserving for
+    non-negative floats); other dtypes use kthvalue on float32 (as mergekit compares on CPU).
+    Either way the split is exact.
+    """
+    import torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in _HALF_NAN_BITS and tensor.device.type == "cpu":
+        bits = tensor.abs().reshape(-1).view(torch.int16)
+        counts = torch.bincount(bits, minlength=1 << 15)
+        if int(counts[_HALF_NAN_BITS[name] + 1 :].sum()):
+            return None
+        from_top = counts.flip(0).cumsum(0)
+        cut = (1 << 15) - 1 - int(torch.searchsorted(from_top, k))
+        n_at = int(counts[cut])
+        n_above = int(from_top[(1 << 15) - 1 - cut]) - n_at
+        return bits > cut, bits == cut, n_above, n_at, cut == 0
+    w = tensor.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    if bool(torch.isnan(w).any()):
+        return None
+    cut = torch.kthvalue(w, w.numel() - k + 1).values
+    above, at = w > cut, w == cut
+    return above, at, int(torch.count_nonzero(above)), int(torch.count_nonzero(at)), bool(cut == 0)
+
+
+def magnitude_keep_mask(tensor: torch.Tensor, k: int, *, exact_ties: bool = True) -> torch.Tensor:
+    """Boolean mask (flat) of the `k` entries of largest magnitude.
+
+    Selection compares magnitudes in float32 (as mergekit does on CPU). The k-th largest magnitude
+    is found in linear time; when the cut is unambiguous (no tie straddles it, or the tied
+    entries are zeros, which are the same value kept or dropped) the result is exactly mergekit's.
+    When several non-zero entries share the cut magnitude, mergekit keeps the ones its unstable
+    argsort happens to put first: with `exact_ties` (default) we run that same argsort and match
+    it bit for bit (slow: bfloat16 task vectors almost always tie); without, the lowest flat
+    indices win (deterministic, about 3x faster for a bfloat16 TIES merge, differs from mergekit
+    only in which of equal-magnitude entries survive).
+    """
+    import torch
+
+    n = tensor.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=tensor.device)
+    split = _cut(tensor, k)
+    if split is None:
+        w = tensor.abs().reshape(-1)
+        return _argsort_mask(w.float() if w.device.type == "cpu" else w, k)
+    above, at, n_above, n_at, zero_cut = split
+    if zero_cut or n_above + n_at == k:
+        return above.logical_or_(at)
+    if exact_ties:
+        w = tensor.abs().reshape(-1)
+        return _argsort_mask(w.float() if w.device.type == "cpu" else w, k)
+    first_tied = torch.nonzero(at).reshape(-1)[: k - n_above]
+    above[first_tied] = True
+    return above
+
+
+def magnitude_trim(
+    delta: torch.Tensor, density: float, rescale: bool = False, *, exact_ties: bool = True
+) -> torch.Tensor:
+    """TIES trimming: keep the top `density` fraction of `delta` by magnitude, zero the rest.
+
+    mergekit 0.1.5 `sparsify.magnitude`: density >= 1 returns `delta` itself; density <= 0 or an
+    empty tensor gives zeros; otherwise k = max(1, int(density * numel)) entries are kept, in
+    `delta`'s dtype, then optionally L1-rescaled.
+    """
+    import torch
+
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    keep = magnitude_keep_mask(delta, k, exact_ties=exact_ties)
+    mask = keep.to(delta.dtype).reshape(delta.shape)
+    return masked_l1_rescaled(delta, mask, rescale)
+
+
+def bernoulli_drop(
+    delta: torch.Tensor,
+    density: float,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DARE: keep each entry of `delta` with probability `density`, optionally L1-rescale.
+
+    mergekit 0.1.5 `sparsify.bernoulli`: density >= 1 returns `delta` unchanged and draws NO random
+    numbers. Otherwise ONE `torch.bernoulli` call draws the whole mask from a tensor of `delta`'s
+    shape filled with `density`, in the work dtype (bfloat16 stays bfloat16 on CPU; float16,
+    float32 and float64 work in float32), using `generator` (None: torch's global RNG, which is
+    what mergekit uses after `--random-seed`). The result is cast back to `delta`'s dtype.
+    """
+    import torch
+
+    if density >= 1:
+        return delta
+    if delta.device.type != "cpu" or delta.dtype == torch.bfloat16:
+        work = delta.dtype
+    else:
+        work = torch.float32
+    probs = torch.full_like(delta, density, dtype=work)
+    mask = torch.bernoulli(probs, generator=generator)
+    return masked_l1_rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+
+
+def sign_election_mask(deltas: torch.Tensor, int8_mask: bool = False) -> torch.Tensor:
+    """TIES sign election over stacked weighted task vectors `deltas` [models, *shape].
+
+    mergekit 0.1.5 `get_mask(method="sum")`: the elected sign of each entry is the sign of the SUM
+    of the weighted deltas (a zero sum elects +); an entry of a model counts when its own sign
+    equals the elected one (so trimmed zeros never count). `int8_mask` only changes the dtype the
+    signs are compared in, not the result. Returns a bool tensor shaped like `deltas`.
+    """
+    import torch
+
+    mask_dtype = torch.int8 if int8_mask else deltas.dtype
+    sign = deltas.sign().to(mask_dtype)
+    elected = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    return sign == elected
