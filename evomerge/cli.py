@@ -23,6 +23,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-shard-size", default="5GB", help="largest shard, e.g. 500MB, 5GB (default 5GB)")
     p.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda, cuda:1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the arithmetic (default 2, or $EVOMERGE_MERGE_THREADS); use the "
+                        "search's value to reproduce its candidates bit for bit")
     p.set_defaults(func=_run_merge)
 
     v = sub.add_parser("validate", help="check a recipe and its sources without merging")
@@ -40,6 +43,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         shard_size=args.out_shard_size,
         device=args.device,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     return 0
 
@@ -63,6 +67,7 @@ def _add_toy(sub: argparse._SubParsersAction) -> None:
     build.add_argument("out", help="output folder")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quick", action="store_true", help="reduced build for tests (seconds)")
+    build.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     build.set_defaults(func=_run_toy_build)
 
 
@@ -76,7 +81,7 @@ def _run_toy_path(args: argparse.Namespace) -> int:
 def _run_toy_build(args: argparse.Namespace) -> int:
     from evomerge.toy import build
 
-    fam = build(args.out, seed=args.seed, quick=args.quick)
+    fam = build(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
     print(fam.root)
     return 0
 

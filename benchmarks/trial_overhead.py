@@ -1,0 +1,90 @@
+"""Per-trial time of `evomerge search` on the toy family, split into merge, evaluation and the rest.
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python benchmarks/trial_overhead.py            # 30 trials
+    .venv/bin/python benchmarks/trial_overhead.py --trials 10 --space search_spaces/toy_ties.yaml
+
+A real search (in-process executor, SQLite storage in a temp run folder, the default sampler) runs
+`--trials` trials with the space's own `limit`. The worker times its merge (`merge_into` the resident
+model) and its evaluation (lm-eval on the search split) per trial; everything else is measured as the
+wall time of the optimisation loop minus those two: ask/suggest/build/tell, storage commits, the
+progress bar, bookkeeping. The one-time set-up (model load, task building, first-call warm-up) is
+reported separately and excluded from the per-trial split, as is the first trial. Prints one JSON
+object: medians per trial and `other_fraction` (target: <= 0.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "toy_slerp_gradient.yaml"))
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--sampler", default=None)
+    args = ap.parse_args(argv)
+
+    from evomerge.executors.local import InProcessExecutor
+    from evomerge.search import optimize, worker_spec
+    from evomerge.space import load_space
+    from evomerge.study import create_study, default_storage
+
+    space = load_space(args.space).with_overrides(trials=args.trials, sampler=args.sampler)
+    executor = InProcessExecutor(worker_spec(space))
+    t0 = time.perf_counter()
+    executor.worker.setup()
+    setup_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="evomerge-overhead-") as tmp:
+        study, _ = create_study(space, default_storage(Path(tmp)))
+        # warm-up: the first trial builds the search split's tasks and pays first-call costs
+        warm = space.with_overrides(trials=1)
+        t1 = time.perf_counter()
+        optimize(study, warm, executor, progress=False)
+        first_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        optimize(study, space, executor, progress=True)
+        loop_s = time.perf_counter() - t2
+        trials = [t for t in study.trials[1:] if t.user_attrs.get("timings")]
+        merge = [t.user_attrs["timings"].get("merge", 0.0) for t in trials]
+        evals = [t.user_attrs["timings"].get("eval", 0.0) for t in trials]
+        n = len(trials)
+        per_trial = loop_s / n
+        other = per_trial - (sum(merge) + sum(evals)) / n
+        result = {
+            "benchmark": "trial_overhead",
+            "space": space.name,
+            "sampler": study.user_attrs.get("sampler"),
+            "trials_timed": n,
+            "limit_per_task": space.budget.limit,
+            "tasks": [t.task for t in space.objective.tasks],
+            "setup_s": round(setup_s, 3),
+            "first_trial_s": round(first_s, 3),
+            "per_trial_s": round(per_trial, 4),
+            "merge_s": {"mean": round(sum(merge) / n, 4), "median": round(statistics.median(merge), 4)},
+            "eval_s": {"mean": round(sum(evals) / n, 4), "median": round(statistics.median(evals), 4)},
+            "other_s": round(other, 4),
+            "merge_fraction": round(sum(merge) / n / per_trial, 4),
+            "eval_fraction": round(sum(evals) / n / per_trial, 4),
+            "other_fraction": round(other / per_trial, 4),
+            "target_other_fraction": 0.10,
+            "met": other / per_trial <= 0.10,
+            "cpus": os.cpu_count(),
+        }
+    executor.close()
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

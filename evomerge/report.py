@@ -1,0 +1,332 @@
+"""The run folder: best.yaml, trials.csv, report.md and plots, written atomically.
+
+Why it exists: a search is only useful if its result can be reproduced and judged. `best.yaml` is the
+winner as a mergekit recipe (it loads in `mergekit-yaml` and `evomerge merge`) with its provenance in
+YAML comments (study, trial, seed, scores on every split, source hashes, evomerge version);
+`trials.csv` is every trial; `report.md` compares the winner with its parents and the naive baselines
+on every split; the plots show the history, the winner's per-layer curves, parameter importances, and
+the Pareto front of a multi-objective run. Every file is written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from evomerge import __version__
+
+DASHBOARD_HINT = "pip install optuna-dashboard && optuna-dashboard {storage}"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- provenance ----------------------------------------------------------------------------------
+def source_hashes(paths: list[str], cache_file: Path | None = None) -> dict[str, str]:
+    """sha256 over each model folder's config.json and weight files (by name order), cached by
+    (path, size, mtime) so a resumed run does not hash gigabytes again."""
+    cache = {}
+    if cache_file is not None and cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    out = {}
+    for p in paths:
+        folder = Path(p)
+        files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
+        stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+        entry = cache.get(p)
+        if entry and entry.get("stamp") == stamp:
+            out[p] = entry["sha256"]
+            continue
+        h = hashlib.sha256()
+        for f in files:
+            if not f.exists():
+                continue
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        out[p] = h.hexdigest()
+        cache[p] = {"stamp": stamp, "sha256": out[p]}
+    if cache_file is not None:
+        atomic_write(cache_file, json.dumps(cache, indent=1))
+    return out
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
+    """The winner's recipe with provenance comments."""
+    w = result.winner
+    space = result.space
+    sp = space.objective.splits
+    study = result.study
+    lines = [
+        f"evomerge {__version__} search winner: {w.label}, space {space.name!r}",
+        f"study: {study.study_name} in {storage}",
+        f"trial: {w.trial}  sampler: {study.user_attrs.get('sampler')}  seed: {space.budget.seed}",
+    ]
+    for split in (sp.search, sp.select, sp.report):
+        s = w.scores.get(split)
+        if s:
+            tasks = ", ".join(f"{k}={_fmt(v)}" for k, v in (s.get("tasks") or {}).items())
+            lines.append(f"score on {split}: {_fmt(s.get('score'))} ({tasks})")
+    lines.append("sources (sha256 of config.json + *.safetensors):")
+    lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
+    from evomerge.merge import merge_threads
+
+    threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
+    lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")
+    return w.recipe.to_yaml(comments=lines)
+
+
+# --- tables --------------------------------------------------------------------------------------
+def trials_csv(study, space) -> str:
+    """One row per trial: number, state, value(s), params, role, failure reason, timings, task values."""
+    trials = study.get_trials(deepcopy=False)
+    param_names = sorted({k for t in trials for k in t.params})
+    task_names = [t.task for t in space.objective.tasks]
+    multi = space.objective.multi_objective
+    value_cols = [f"value_{t}" for t in task_names] if multi else ["value"]
+    attr_cols = ["role", "fail_reason"]
+    timing_cols = ["setup", "merge", "eval", "total", "worker"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["number", "state", *value_cols, *[f"search_{t}" for t in task_names], "duration_s",
+                     *attr_cols, *[f"t_{c}" if c != "worker" else c for c in timing_cols], *param_names])
+    for t in trials:
+        values = list(t.values) if t.values is not None else [None] * len(value_cols)
+        tasks = t.user_attrs.get("tasks") or {}
+        duration = t.duration.total_seconds() if t.duration is not None else None
+        attrs = [t.user_attrs.get(a) for a in attr_cols]
+        if attrs[1]:
+            attrs[1] = str(attrs[1]).splitlines()[0]
+        timings = t.user_attrs.get("timings") or {}
+        writer.writerow([t.number, t.state.name, *values, *[tasks.get(n) for n in task_names], duration,
+                         *attrs, *[timings.get(c) for c in timing_cols], *[t.params.get(p) for p in param_names]])
+    return buf.getvalue()
+
+
+def report_md(result, storage: str, plots: list[str]) -> str:
+    space = result.space
+    sp = space.objective.splits
+    study = result.study
+    w = result.winner
+    from optuna.trial import TrialState
+
+    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in states:
+            states[t.state.name] += 1
+    out = [f"# evomerge search: {space.name}", ""]
+    out.append(f"- trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
+               f" (budget {space.budget.trials}); sampler {study.user_attrs.get('sampler')}, seed {space.budget.seed}")
+    out.append("- objective: " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g} ({t.direction})"
+                                          for t in space.objective.tasks)
+               + (" (multi-objective)" if space.objective.multi_objective else ""))
+    out.append(f"- splits: search `{sp.search}`" + (f" (limit {space.budget.limit})" if space.budget.limit else "")
+               + f", select `{sp.select}` (top {space.budget.top_k} + baselines), report `{sp.report}` (scored once)")
+    out.append(f"- wall time this invocation: {result.seconds:.1f} s")
+    if w is not None:
+        out.append(f"- winner: **{w.label}** -> `best.yaml` (`evomerge merge best.yaml OUT` rebuilds it)")
+    out.append("")
+    out.append("## Winner vs parents vs baselines")
+    out.append("")
+    task_names = [t.task for t in space.objective.tasks]
+    splits = [sp.search, sp.select, sp.report]
+    header = ["candidate"] + splits + [f"{sp.report}: {t}" for t in task_names]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for c in result.candidates:
+        row = [c.label + (" (winner)" if c is w else "")]
+        row += [_fmt((c.scores.get(s) or {}).get("score")) for s in splits]
+        rep = (c.scores.get(sp.report) or {}).get("tasks") or {}
+        row += [_fmt(rep.get(t)) for t in task_names]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    out.append("Scores are the weighted objective (higher is better). Parents are scored on the report split only.")
+    out.append("")
+    if w is not None:
+        out += ["## Winner recipe", "", "```yaml", w.recipe.to_yaml().rstrip(), "```", ""]
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    if failed:
+        out += ["## Failed trials", ""]
+        for t in failed[:20]:
+            reason = str(t.user_attrs.get("fail_reason", "interrupted")).splitlines()[0]
+            out.append(f"- trial {t.number}: {reason}")
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    out += ["## Explore the study", "", "```", DASHBOARD_HINT.format(storage=storage), "```", ""]
+    out += ["Files: `best.yaml` (winner, mergekit YAML), `trials.csv` (every trial), `study.db` (Optuna storage)."]
+    return "\n".join(out) + "\n"
+
+
+def summary(result) -> str:
+    """The table printed at the end of `evomerge search`."""
+    space = result.space
+    sp = space.objective.splits
+    lines = []
+    info = result.info
+    lines.append(f"search {space.name}: {info.get('completed', 0)} completed, {info.get('failed', 0)} failed, "
+                 f"{info.get('pruned', 0)} pruned this run; {result.seconds:.1f} s")
+    splits = [sp.search, sp.select, sp.report]
+    width = max([len(c.label) + 9 for c in result.candidates] + [20])
+    lines.append(f"{'candidate':<{width}}" + "".join(f"{s:>10}" for s in splits))
+    for c in result.candidates:
+        label = c.label + (" (winner)" if c is result.winner else "")
+        lines.append(f"{label:<{width}}" + "".join(f"{_fmt((c.scores.get(s) or {}).get('score')):>10}" for s in splits))
+    lines.append(f"wrote {result.out}/best.yaml, trials.csv, report.md")
+    return "\n".join(lines)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+def _num_layers(path: str) -> int:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+
+
+def winner_curves(recipe, num_layers: int) -> dict[str, list[float]]:
+    """Per-layer values of every searched number in the winner: {"t (self_attn)": [...], ...}.
+
+    Evaluated with the recipe module's own gradient/filter rules, at sample tensor names per filter."""
+    from evomerge.recipe import ConditionalParameter, evaluate_setting, layer_t
+
+    def groups(setting) -> list[str | None]:
+        items = setting if isinstance(setting, list) else [setting]
+        gs = [c.filter for c in items if isinstance(c, ConditionalParameter)]
+        return gs or [None]
+
+    settings = []
+    for name, setting in (recipe.parameters or {}).items():
+        settings.append((name, setting))
+    for m in recipe.models or []:
+        for name, setting in (m.parameters or {}).items():
+            settings.append((f"{name} [{Path(m.model).name}]", setting))
+    curves = {}
+    n = max(num_layers, 1)
+    for name, setting in settings:
+        for g in groups(setting):
+            tensor = f"model.layers.{{i}}.{g}.weight" if g else "model.layers.{i}.other.weight"
+            values = []
+            for i in range(n):
+                v = evaluate_setting(setting, tensor.format(i=i), layer_t(i, n))
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    values = []
+                    break
+                values.append(float(v))
+            if values:
+                curves[f"{name} ({g or 'rest'})" if len(groups(setting)) > 1 or g else name] = values
+    return curves
+
+
+def write_plots(result, out: Path) -> list[str]:
+    """PNG plots into out/plots; returns their paths relative to `out`. Skips what cannot be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from matplotlib.figure import Figure
+    from optuna.visualization import matplotlib as ovm
+
+    plots_dir = out / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    made = []
+    study = result.study
+    multi = result.space.objective.multi_objective
+
+    def save(obj, name: str) -> None:
+        if hasattr(obj, "flat"):  # an array of axes
+            obj = obj.flat[0]
+        fig = obj if isinstance(obj, Figure) else obj.figure
+        buf = io.BytesIO()
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        atomic_write(plots_dir / name, buf.getvalue())
+        made.append(f"plots/{name}")
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if complete:
+            try:
+                if multi:
+                    for i, task in enumerate(result.space.objective.tasks):
+                        save(ovm.plot_optimization_history(study, target=lambda t, i=i: t.values[i],
+                                                           target_name=task.task), f"history_{task.task}.png")
+                else:
+                    save(ovm.plot_optimization_history(study), "history.png")
+            except Exception:  # noqa: BLE001 - a plot never fails a run
+                pass
+        if len(complete) >= 3 and any(t.params for t in complete):
+            try:
+                target = (lambda t: t.values[0]) if multi else None
+                save(ovm.plot_param_importances(study, target=target), "importances.png")
+            except Exception:  # noqa: BLE001
+                pass
+        if multi and len(complete) >= 2:
+            try:
+                save(ovm.plot_pareto_front(study, target_names=[t.task for t in result.space.objective.tasks]),
+                     "pareto.png")
+            except Exception:  # noqa: BLE001
+                pass
+    if result.winner is not None:
+        space = result.space
+        layers = _num_layers(space.base.path if space.base else space.models[0].path)
+        curves = winner_curves(result.winner.recipe, layers)
+        if curves and layers > 0:
+            fig, ax = plt.subplots()
+            for name, values in curves.items():
+                ax.plot(range(len(values)), values, marker="o", label=name)
+            ax.set_xticks(range(layers))
+            ax.set_xlabel("layer")
+            ax.set_ylabel("value")
+            ax.set_title(f"winner ({result.winner.label}): per-layer parameters")
+            ax.legend(fontsize=7)
+            save(fig, "winner_curves.png")
+    return made
+
+
+def write_run(result, *, storage: str) -> None:
+    """Write best.yaml, trials.csv, report.md and plots into the run folder (each atomically)."""
+    out = Path(result.out)
+    space = result.space
+    atomic_write(out / "trials.csv", trials_csv(result.study, space))
+    plots = write_plots(result, out)
+    if result.winner is not None:
+        paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
+        hashes = source_hashes(list(dict.fromkeys(paths)), out / "sources.json")
+        atomic_write(out / "best.yaml", best_yaml(result, storage, hashes))
+    atomic_write(out / "report.md", report_md(result, storage, plots))

@@ -1,0 +1,75 @@
+"""Objective: raw per-task metrics -> the number (or numbers) Optuna optimises.
+
+Why it exists: the evaluator reports raw lm-eval metrics per task; the search space says which metric
+of which task counts, with what weight and direction. One rule lives here: a single objective is the
+weighted mean of the task metrics, each signed by its direction (so it is always maximised); a
+multi-objective run gets one value per task in the task's own direction (a Pareto front). A missing or
+non-finite metric raises `ScoreError`, which the search records as a FAIL trial.
+"""
+
+from __future__ import annotations
+
+import math
+
+from evomerge.space import Objective
+
+
+class ScoreError(ValueError):
+    """The evaluation result cannot be scored (missing task or metric, NaN)."""
+
+
+def find_metric(metrics: dict[str, dict[str, float]], task: str, metric: str, split: str | None = None) -> float:
+    """Look up `metric` of `task`, accepting lm-eval's spellings: the task as `T` or `T_<split>`, the
+    metric as `m` or `m,<filter>` (`,none` preferred)."""
+    candidates = [task] + ([f"{task}_{split}"] if split else [])
+    row = next((metrics[c] for c in candidates if c in metrics), None)
+    if row is None:
+        prefix = f"{task}_"
+        found = [k for k in metrics if k.startswith(prefix)]
+        if len(found) == 1:
+            row = metrics[found[0]]
+    if row is None:
+        raise ScoreError(f"no result for task {task!r} (got {', '.join(sorted(metrics)) or 'nothing'})")
+    keys = [metric, f"{metric},none"] + sorted(k for k in row if k.startswith(f"{metric},"))
+    for key in keys:
+        if key in row:
+            value = float(row[key])
+            if not math.isfinite(value):
+                raise ScoreError(f"{task}/{key} is {value}")
+            return value
+    raise ScoreError(f"task {task!r} has no metric {metric!r} (got {', '.join(sorted(row))})")
+
+
+def task_values(metrics: dict, objective: Objective, split: str | None = None) -> dict[str, float]:
+    """{task: metric value} for every task of the objective (raises ScoreError)."""
+    return {t.task: find_metric(metrics, t.task, t.metric, split) for t in objective.tasks}
+
+
+def combine(values: dict[str, float], objective: Objective) -> float:
+    """Weighted mean of task values, each signed by its direction (higher is better)."""
+    total = sum(t.weight for t in objective.tasks)
+    weights = {t.task: (t.weight if total > 0 else 1.0) for t in objective.tasks}
+    total = total if total > 0 else float(len(objective.tasks))
+    return sum(weights[t.task] * (values[t.task] if t.direction == "maximize" else -values[t.task])
+               for t in objective.tasks) / total
+
+
+def score(metrics_or_result, objective: Objective, split: str | None = None) -> float | tuple[float, ...]:
+    """The value(s) Optuna optimises: `combine` of the task values, or one value per task in its own
+    direction when the objective is multi-objective. Accepts an EvalResult or its `metrics`."""
+    values = task_values(getattr(metrics_or_result, "metrics", metrics_or_result), objective, split)
+    if objective.multi_objective:
+        return tuple(values[t.task] for t in objective.tasks)
+    return combine(values, objective)
+
+
+def mixture(metrics_or_result, objective: Objective, split: str | None = None) -> float:
+    """The single weighted number even for a multi-objective run (used to pick one winner)."""
+    return combine(task_values(getattr(metrics_or_result, "metrics", metrics_or_result), objective, split), objective)
+
+
+def directions(objective: Objective) -> list[str]:
+    """Optuna study directions for this objective."""
+    if objective.multi_objective:
+        return [t.direction for t in objective.tasks]
+    return ["maximize"]

@@ -1,0 +1,495 @@
+"""The search loop: ask, suggest, build, submit, tell; then select on held-out data and report.
+
+Why it exists: this is `evomerge search`. It owns the order of events of a run and nothing else:
+- asynchronous ask/tell over an `Executor` (as many trials in flight as it has slots);
+- a failed trial (the worker's error, a missing or NaN metric, a recipe the engine refuses) becomes a
+  FAIL trial with its reason in the `fail_reason` user attribute, and the search goes on;
+- multi-fidelity: with `search.fidelity`, a trial is first scored on a seeded subset, the value is
+  reported as an intermediate value and the pruner may stop it there;
+- the budget counts finished trials in storage, so running the same command again resumes it;
+- selection: the top-k candidates (and the baselines) are re-scored on the `select` split and the
+  winner is chosen there; the winner, the parents and the baselines are scored once on the `report`
+  split. Those scores are cached in the study, so a finished run re-run does not re-score.
+The components (study, sampler, executor, worker) come from their own modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from evomerge.errors import ConfigError, EvomergeError, OutputError
+from evomerge.space import SearchSpace
+from evomerge.worker import TrialJob, TrialOutcome, WorkerSpec
+
+SELECT_ATTR = "select_scores"  # study user attr: {trial number: {"score": float, "tasks": {...}}}
+REPORT_ATTR = "report_scores"  # study user attr: {label: {"score": float, "tasks": {...}, "trial": n}}
+WINNER_ATTR = "winner"
+
+
+@dataclass
+class Candidate:
+    """A recipe scored outside the optimisation: a trial, a baseline or a parent model."""
+
+    label: str  # "trial 12", "baseline:slerp", "parent:add"
+    trial: int | None
+    recipe: Any  # MergeRecipe
+    scores: dict[str, dict] = field(default_factory=dict)  # split -> {"score": x, "tasks": {...}}
+
+
+@dataclass
+class SearchResult:
+    study: Any
+    space: SearchSpace
+    out: Path
+    winner: Candidate | None
+    candidates: list[Candidate]
+    seconds: float
+    info: dict
+
+
+def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: str | None = None) -> WorkerSpec:
+    """The picklable description of a worker for this space."""
+    paths = [m.path for m in space.models]
+    if space.base is not None and space.base.path not in paths:
+        paths.append(space.base.path)
+    template = space.base.path if space.base is not None else space.models[0].path
+    return WorkerSpec(
+        sources=tuple(paths),
+        base=template,
+        dtype=space.dtype,
+        tokenizer=space.tokenizer or template,
+        tasks=tuple(t.task for t in space.objective.tasks),
+        include_path=space.objective.tasks_dir,
+        threads=threads,
+        batch_size=space.budget.batch_size,
+        evaluator=evaluator,
+    )
+
+
+def prepare_out(out: Path, storage_given: bool) -> None:
+    """Create the run folder; refuse one that holds something other than an evomerge run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder", where=str(out), fix="choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not storage_given:
+        if not (out / "study.db").exists():
+            raise OutputError("folder exists, is not empty and holds no evomerge study (study.db)",
+                              where=str(out), fix="choose another --out, or empty the folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write here ({exc.strerror})", where=str(out),
+                          fix="choose a writable --out") from None
+
+
+class _Progress:
+    """tqdm bar (trials done / budget, best so far, elapsed, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="search", unit="trial", file=sys.stderr,
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, best: float | None, failed: int) -> None:
+        if self.bar is not None:
+            post = {"best": "-" if best is None else f"{best:.4f}"}
+            if failed:
+                post["failed"] = failed
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _best_value(study) -> float | None:
+    from optuna.trial import TrialState
+
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.values is not None and len(t.values) == 1]
+    return max(values) if values else None
+
+
+def _short(error: str, limit: int = 2000) -> str:
+    return error if len(error) <= limit else error[: limit - 3] + "..."
+
+
+def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log: Callable = print) -> dict:
+    """Run trials until the budget (finished trials in storage) is reached. Returns counters."""
+    from optuna.trial import TrialState
+
+    from evomerge.score import ScoreError, score
+    from evomerge.study import FAIL_REASON, INTERRUPTED, finished_count, grid_size
+    from evomerge.suggest import build_recipe, suggest_params
+
+    budget = space.budget
+    split = space.objective.splits.search
+    target = budget.trials
+    if study.user_attrs.get("sampler") == "grid":
+        target = min(target, grid_size(space))
+    low = budget.fidelity.limit if budget.fidelity else None
+    done = finished_count(study)
+    bar = _Progress(progress, target, min(done, target))
+    live: dict[int, Any] = {}  # trial number -> optuna Trial
+    recipes: dict[int, dict] = {}  # trial number -> recipe dict (resubmitted after a low-fidelity score)
+    stats = {"completed": 0, "failed": 0, "pruned": 0}
+    best = [_best_value(study)]
+
+    def progressed(value=None) -> None:
+        if isinstance(value, float) and (best[0] is None or value > best[0]):
+            best[0] = value
+        bar.update(best[0], stats["failed"])
+
+    def fail(trial, reason: str) -> None:
+        trial.set_user_attr(FAIL_REASON, _short(reason))
+        study.tell(trial, state=TrialState.FAIL)
+        stats["failed"] += 1
+
+    try:
+        while True:
+            while len(live) < executor.slots and done + len(live) < target:
+                trial = study.ask()
+                params = suggest_params(trial, space)
+                try:
+                    recipe = build_recipe(space, params)
+                except EvomergeError as exc:
+                    fail(trial, f"recipe: {exc}")
+                    done += 1
+                    progressed()
+                    continue
+                live[trial.number] = trial
+                recipes[trial.number] = recipe.to_dict()
+                executor.submit(TrialJob(trial.number, recipes[trial.number], split, low or budget.limit,
+                                         budget.seed, tag="low" if low else "full"))
+            if not live:
+                if done < target and executor.slots < 1:
+                    raise EvomergeError("no worker is left to run trials (all were retired after failures)",
+                                        where="executor", fix="check the worker logs; rerun to resume")
+                break
+            for outcome in executor.wait(None):
+                trial = live.get(outcome.number)
+                if trial is None:  # not ours (cannot happen with our executors); ignore
+                    continue
+                finished, value = _handle(study, space, trial, recipes[outcome.number], outcome, fail, stats,
+                                          executor, score, ScoreError)
+                if finished:
+                    del live[outcome.number]
+                    del recipes[outcome.number]
+                    done += 1
+                    progressed(value)
+                if stats["completed"] == 0 and stats["pruned"] == 0 and stats["failed"] >= min(3, target):
+                    # Nothing has worked yet: a broken set-up (tasks, tokenizer, models), not a bad
+                    # candidate. Stop instead of burning the budget on identical failures.
+                    reason = (outcome.error or "no metrics").splitlines()[0]
+                    raise EvomergeError(
+                        f"the first {stats['failed']} trials all failed; the last with: {reason}",
+                        where="search", fix="check the models, tasks and metric in the search space "
+                        "(trials.csv / the study hold every reason)",
+                    )
+    except BaseException:
+        # Ctrl-C or an abort: trials in flight did not finish. FAIL them now (a resume would do it
+        # too) and enqueue their parameters so the next run redoes them.
+        numbers = []
+        for number, trial in live.items():
+            try:
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"role": trial.user_attrs.get("role", "retry"),
+                                                              "retry_of": number})
+                numbers.append(number)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        if numbers:
+            study.set_user_attr(INTERRUPTED, list(study.user_attrs.get(INTERRUPTED, [])) + numbers)
+        raise
+    finally:
+        bar.close()
+    return stats
+
+
+def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stats, executor, score,
+            ScoreError) -> tuple[bool, Any]:
+    """Tell Optuna about one outcome. Returns (finished, value told or None)."""
+    from optuna.trial import TrialState
+
+    budget = space.budget
+    split = space.objective.splits.search
+    timings = dict(trial.user_attrs.get("timings") or {})
+    for key, value in outcome.timings.items():  # summed over fidelity rungs
+        timings[key] = round(timings.get(key, 0.0) + float(value), 4)
+    timings["worker"] = f"{outcome.node}:{outcome.pid}"
+    trial.set_user_attr("timings", timings)
+    if outcome.error is not None or outcome.metrics is None:
+        fail(trial, outcome.error or "no metrics returned")
+        return True, None
+    try:
+        value = score(outcome.metrics, space.objective, split)
+    except ScoreError as exc:
+        fail(trial, f"score: {exc}")
+        return True, None
+    values = value if isinstance(value, tuple) else (value,)
+    if not all(math.isfinite(v) for v in values):
+        fail(trial, f"score: non-finite value {value}")
+        return True, None
+    if outcome.tag == "low":
+        step = budget.fidelity.limit
+        trial.report(value, step)
+        trial.set_user_attr("low_fidelity_value", value)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            stats["pruned"] += 1
+            return True, None
+        executor.submit(TrialJob(trial.number, recipe, split, budget.limit, budget.seed, tag="full"))
+        return False, None
+    from evomerge.score import task_values
+
+    trial.set_user_attr("tasks", task_values(outcome.metrics, space.objective, split))
+    study.tell(trial, list(values) if len(values) > 1 else values[0])
+    stats["completed"] += 1
+    return True, value
+
+
+# --- selection and report ------------------------------------------------------------------------
+def top_trials(study, space: SearchSpace, k: int) -> list:
+    """The k best COMPLETE trials by search score (for several objectives: the Pareto front ranked by
+    the weighted mixture), one per distinct recipe."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if space.objective.multi_objective:
+        front = {t.number for t in study.best_trials}
+        weights = [t.weight for t in space.objective.tasks]
+        total = sum(weights) or len(weights)
+        signs = [1 if t.direction == "maximize" else -1 for t in space.objective.tasks]
+
+        def key(t):
+            return (t.number in front, sum(w * s * v for w, s, v in zip(weights, signs, t.values)) / total)
+    else:
+        def key(t):
+            return (True, t.value)
+    ranked = sorted(trials, key=key, reverse=True)
+    seen, out = set(), []
+    for t in ranked:
+        sig = json.dumps(t.params, sort_keys=True, default=str)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        out.append(t)
+        if len(out) == k:
+            break
+    return out
+
+
+def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
+                      key: Callable[[Candidate], str], log: Callable) -> None:
+    """Score candidates (not already in `cache`) on `split`, full split, through the executor."""
+    from evomerge.score import ScoreError, mixture, task_values
+
+    pending = [c for c in candidates if key(c) not in cache]
+    if pending:
+        log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
+    jobs = {}
+    queue = list(enumerate(pending))
+    while queue or jobs:
+        while queue and len(jobs) < executor.slots:
+            i, cand = queue.pop(0)
+            jobs[i] = cand
+            executor.submit(TrialJob(i, cand.recipe.to_dict(), split, None, space.budget.seed, tag=split))
+        for outcome in executor.wait(None):
+            cand = jobs.pop(outcome.number)
+            entry: dict[str, Any]
+            if outcome.ok:
+                try:
+                    entry = {"score": mixture(outcome.metrics, space.objective, split),
+                             "tasks": task_values(outcome.metrics, space.objective, split)}
+                except ScoreError as exc:
+                    entry = {"score": None, "error": str(exc)}
+            else:
+                entry = {"score": None, "error": _short(outcome.error or "failed", 500)}
+            if entry["score"] is None:
+                log(f"evomerge: {cand.label} could not be scored on {split}: {entry['error'].splitlines()[0]}")
+            cache[key(cand)] = entry
+    for cand in candidates:
+        cand.scores[split] = cache[key(cand)]
+
+
+def select_and_report(study, space: SearchSpace, executor, *, log: Callable = print) -> tuple[Candidate | None, list[Candidate]]:
+    """Re-score the top-k and the baselines on `select`; the best there wins. Then score the winner,
+    the parents and the baselines on `report`. Cached in study user attributes."""
+    from optuna.trial import TrialState
+
+    from evomerge.study import ROLE
+    from evomerge.suggest import build_recipe, parent_recipes
+
+    splits = space.objective.splits
+    top = top_trials(study, space, space.budget.top_k)
+    baselines = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        role = t.user_attrs.get(ROLE, "")
+        if role.startswith("baseline:") and role not in baselines:
+            baselines[role] = t
+    pool = {t.number: t for t in top}
+    for t in baselines.values():
+        pool.setdefault(t.number, t)
+    if not pool:
+        return None, []
+    by_number = {}
+    for n, t in pool.items():
+        role = t.user_attrs.get(ROLE, "")
+        label = role if role.startswith("baseline:") else f"trial {n}"
+        by_number[n] = Candidate(label, n, build_recipe(space, t.params))
+        by_number[n].scores[splits.search] = {"score": _search_mixture(t, space), "tasks": t.user_attrs.get("tasks", {})}
+
+    select_cache = {int(k): v for k, v in study.user_attrs.get(SELECT_ATTR, {}).items()}
+    cands = list(by_number.values())
+    _score_candidates(executor, space, cands, splits.select, select_cache, lambda c: c.trial, log)
+    study.set_user_attr(SELECT_ATTR, {str(k): v for k, v in select_cache.items()})
+
+    def rank(c: Candidate):
+        s = c.scores[splits.select]["score"]
+        return (s is not None, s if s is not None else -math.inf, c.scores[splits.search]["score"] or -math.inf)
+
+    winner = max(cands, key=rank)
+    if winner.scores[splits.select]["score"] is None:
+        return None, cands
+    study.set_user_attr(WINNER_ATTR, winner.trial)
+
+    report_cache = dict(study.user_attrs.get(REPORT_ATTR, {}))
+    if report_cache.get("_winner") != winner.trial:
+        report_cache = {}  # a different winner: the report is redone once for the new set
+    report = [winner] + [by_number[t.number] for t in baselines.values() if t.number != winner.trial]
+    for label, recipe in parent_recipes(space):
+        report.append(Candidate(label, None, recipe))
+    _score_candidates(executor, space, report, splits.report, report_cache, lambda c: c.label, log)
+    report_cache["_winner"] = winner.trial
+    study.set_user_attr(REPORT_ATTR, report_cache)
+    ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
+    return winner, ordered
+
+
+def _search_mixture(trial, space: SearchSpace) -> float | None:
+    if not space.objective.multi_objective:
+        return trial.value
+    from evomerge.score import combine
+
+    tasks = trial.user_attrs.get("tasks")
+    return combine(tasks, space.objective) if tasks else None
+
+
+# --- entry points --------------------------------------------------------------------------------
+def run_search(
+    space: SearchSpace,
+    out: str | Path,
+    *,
+    storage: str | None = None,
+    executor=None,
+    workers: int = 1,
+    ray_address: str | None = None,
+    trial_timeout: float | None = None,
+    threads_per_worker: int | None = None,
+    evaluator: str | None = None,
+    progress: bool = True,
+    select: bool = True,
+    write: bool = True,
+    log: Callable[[str], Any] = print,
+) -> SearchResult:
+    """Search (or resume) to the budget, select, report, and write the run folder.
+
+    `executor` may be given (tests, embedding); otherwise one is made from workers/ray_address.
+    `evaluator` is a "module:callable" plugged into the worker instead of lm-eval (see worker.py).
+    """
+    from evomerge.study import create_study, default_storage
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    own_executor = executor is None
+    if own_executor:
+        _preflight(space)  # before anything is created on disk
+    prepare_out(out, storage_given=storage is not None)
+    storage = storage or default_storage(out)
+    study, info = create_study(space, storage, workers=max(workers, getattr(executor, "slots", 1)))
+    if info["requeued"]:
+        log(f"evomerge: resumed; trials {info['requeued']} were interrupted and will run again")
+    elif info["resumed"]:
+        log("evomerge: resumed the study in " + storage)
+    if own_executor:
+        from evomerge.executors import make_executor
+
+        spec = worker_spec(space, evaluator=evaluator)
+        executor = make_executor(spec, workers, ray_address, trial_timeout, threads_per_worker=threads_per_worker)
+    try:
+        stats = optimize(study, space, executor, progress=progress, log=log)
+        info.update(stats)
+        winner, cands = (None, [])
+        if select:
+            winner, cands = select_and_report(study, space, executor, log=log)
+    finally:
+        if own_executor:
+            executor.close()
+    result = SearchResult(study, space, out, winner, cands, time.perf_counter() - t0, info)
+    if write:
+        from evomerge.report import write_run
+
+        write_run(result, storage=storage)
+    return result
+
+
+def _preflight(space: SearchSpace) -> None:
+    """Cheap checks before any worker starts: sources agree, every method's baseline plans."""
+    from evomerge.checkpoints import Sources
+    from evomerge.merge import plan
+    from evomerge.suggest import baseline_params, build_recipe
+
+    paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
+    sources = Sources.open(list(dict.fromkeys(paths)))
+    try:
+        sources.check_compatible()
+        for _, params in baseline_params(space):
+            plan(build_recipe(space, params), sources)
+    finally:
+        sources.close()
+
+
+def run_search_cli(args) -> int:
+    """`evomerge search SPACE [flags]`: load, apply flag overrides, run, print the summary."""
+    from evomerge.space import load_space
+
+    space = load_space(args.space)
+    space = space.with_overrides(
+        trials=getattr(args, "trials", None),
+        sampler=getattr(args, "sampler", None),
+        seed=getattr(args, "seed", None),
+        pruner=getattr(args, "pruner", None),
+        top_k=getattr(args, "top_k", None),
+        limit=getattr(args, "limit", None),
+    )
+    out = Path(args.out) if getattr(args, "out", None) else Path("runs") / space.name
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1", where="--workers", fix="use --workers 1 or more")
+    result = run_search(
+        space,
+        out,
+        storage=args.storage,
+        workers=args.workers or 1,
+        ray_address=args.ray_address,
+        trial_timeout=args.trial_timeout,
+        threads_per_worker=args.threads_per_worker,
+        evaluator=getattr(args, "evaluator", None),
+        progress=not args.no_progress,
+    )
+    from evomerge.report import summary
+
+    print(summary(result))
+    return 0

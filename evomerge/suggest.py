@@ -1,0 +1,126 @@
+"""Between Optuna and mergekit: trial -> Params -> MergeRecipe.
+
+Why it exists: this is the seam of the search. `suggest_params` is the ONLY caller of
+`trial.suggest_*` (so a `FixedTrial`, an enqueued baseline and a real trial all go through the same
+code), and it returns a flat `Params` dict named as `SearchSpace.dimensions` says. `build_recipe` is a
+pure function from (space, params) to a mergekit recipe: the winner's `best.yaml` is rebuilt from the
+stored params by the same function that built the scored candidate. `baseline_params` gives the naive
+recipes (uniform weights, t = 0.5, default TIES) that are enqueued as the first trials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.space import REST, ParamSpec, SearchSpace, baseline_value
+
+Params = dict[str, Any]  # flat: optuna parameter name -> float | bool | str
+
+
+def suggest_params(trial, space: SearchSpace) -> Params:
+    """Ask the trial for every searched value of the space (the method first when it is searched)."""
+    params: Params = {}
+    if len(space.methods) > 1:
+        method = trial.suggest_categorical("method", list(space.method_names))
+        params["method"] = method
+    else:
+        method = space.methods[0].name
+    for dim in space.dimensions(method):
+        if dim.choices is not None:
+            params[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
+        else:
+            params[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
+    return params
+
+
+def method_of(space: SearchSpace, params: Params) -> str:
+    if len(space.methods) == 1:
+        return space.methods[0].name
+    try:
+        return params["method"]
+    except KeyError:
+        raise KeyError("params lack 'method' although the space searches the method") from None
+
+
+def _setting(space: SearchSpace, method: str, spec: ParamSpec, owner: str | None, params: Params) -> Any:
+    """The recipe value of one tunable for one owner (a model name, or None for global/shared)."""
+    if spec.fixed is not None:
+        return spec.fixed
+    prefix = [method, spec.name] + ([owner] if owner else [])
+
+    def value(group: str | None) -> Any:
+        base = prefix + ([group] if group else [])
+        if spec.points == 1:
+            return params[".".join(base)]
+        return [params[".".join(base + [str(k)])] for k in range(spec.points)]
+
+    if not spec.filters:
+        return value(None)
+    entries = [{"filter": f, "value": value(f)} for f in spec.filters]
+    entries.append({"value": value(REST)})
+    return entries
+
+
+def build_recipe(space: SearchSpace, params: Params):
+    """Params -> MergeRecipe (pure: the same inputs always give the same recipe)."""
+    from evomerge.recipe import MergeRecipe
+    from evomerge import methods as registry
+
+    method = method_of(space, params)
+    impl = registry.get(method)
+    mspace = space.method(method)
+    base, inputs = space.roles(method)
+    tuned = {m.name for m in space.tuned_models(method)}
+    model_specs = [s for s in mspace.params if s.kind == "model"]
+    global_specs = [s for s in mspace.params if s.kind == "global"]
+
+    models = []
+    for m in inputs:
+        mparams = {}
+        if m.name in tuned:
+            for spec in model_specs:
+                owner = None if spec.shared else m.name
+                mparams[spec.name] = _setting(space, method, spec, owner, params)
+        models.append({"model": m.path, **({"parameters": mparams} if mparams else {})})
+    glob = {spec.name: _setting(space, method, spec, None, params) for spec in global_specs}
+    data: dict[str, Any] = {"merge_method": method, "models": models, "dtype": space.dtype}
+    if base is not None:
+        data["base_model"] = base.path
+    if glob:
+        data["parameters"] = glob
+    if impl.uses_generator:
+        data["random_seed"] = space.budget.seed
+    return MergeRecipe.from_dict(data, source=f"trial params {params}")
+
+
+def baseline_params(space: SearchSpace) -> list[tuple[str, Params]]:
+    """(label, params) of the naive recipe of each method: every searched value at its baseline
+    (the method default inside the range, else the middle: t = 0.5; equal weights)."""
+    out = []
+    for mspace in space.methods:
+        params: Params = {}
+        if len(space.methods) > 1:
+            params["method"] = mspace.name
+        specs = {s.name: s for s in mspace.params}
+        for dim in space.dimensions(mspace.name):
+            spec = specs[dim.name.split(".")[1]]
+            params[dim.name] = baseline_value(spec)
+        out.append((f"baseline:{mspace.name}", params))
+    return out
+
+
+def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
+    """(label, recipe) that reproduce each source model unchanged (linear, weight 1), for the report."""
+    from evomerge.recipe import MergeRecipe
+
+    parents = list(space.models)
+    if space.base is not None and space.base.path not in {m.path for m in parents}:
+        parents.insert(0, space.base)
+    out = []
+    for m in parents:
+        recipe = MergeRecipe.from_dict(
+            {"merge_method": "linear", "models": [{"model": m.path, "parameters": {"weight": 1.0}}],
+             "dtype": space.dtype}
+        )
+        out.append((f"parent:{m.name}", recipe))
+    return out

@@ -1,0 +1,401 @@
+"""The embedded toy model family: a base, one expert per skill, and an lm-eval task mixture.
+
+Nothing in this project may download weights or data sets, yet the first command a newcomer runs must
+be a real search. So the package ships a tiny family of trained Llama models (see `docs/toy_family.md`)
+inside `evomerge/toydata/`, with one lm-eval task per skill and three instance-disjoint splits
+(`search`, `select`, `report`). `family()` locates the shipped copy; `build()` rebuilds it
+deterministically (same seed, same bytes) and `build(quick=True)` makes a reduced one in seconds.
+
+Layout of a family folder::
+
+    tokenizer/                 byte-level tokenizer (AutoTokenizer loads it)
+    base/                      Hugging Face folder: config, fp16 safetensors, tokenizer
+    experts/<skill>/           one fine-tuned expert per skill, same layout
+    tasks/                     lm-eval include path: toy_<skill>_<split>.yaml, groups toy_<split>,
+                               _toy_common.yaml, toy_loader.py, data/<skill>_<split>.jsonl
+    manifest.json              skills, mixture weights, split sizes + sha256, training settings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from evomerge.errors import CheckpointError, ConfigError, OutputError
+from evomerge.toyskills import SKILLS, normalize
+
+SPLITS = ("search", "select", "report")
+MANIFEST = "manifest.json"
+SHIPPED = Path(__file__).resolve().parent / "toydata"
+
+
+@dataclass(frozen=True)
+class ToyFamily:
+    """Where a built family lives and what it holds (all paths absolute)."""
+
+    root: Path
+    tokenizer: Path
+    base: Path
+    experts: dict[str, Path]
+    tasks_dir: Path
+    skills: tuple[str, ...]
+    mixture: dict[str, float]
+
+    def tasks(self, split: str) -> list[str]:
+        """The lm-eval task names of one split, e.g. `toy_add_search`, in skill order."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}", where="toy family", fix=f"use one of {', '.join(SPLITS)}")
+        return [f"toy_{s}_{split}" for s in self.skills]
+
+    @property
+    def models(self) -> dict[str, Path]:
+        """Every member by name: `base` and `expert_<skill>`."""
+        return {"base": self.base, **{f"expert_{s}": p for s, p in self.experts.items()}}
+
+
+# --- build settings ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything `build` varies: model shape, base and expert schedules, split sizes, mixture."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    base_steps: int
+    base_lr: float
+    base_corpus: dict[str, float]
+    expert_steps: dict[str, int]
+    expert_lr: dict[str, float]
+    expert_replay: float
+    split_sizes: dict[str, int]
+    mixture: dict[str, float]
+    batch: int = 64
+    replay_variant: str = ""  # ":easy" replays the base's narrow range of the other skills
+    expert_layers: dict[str, list[int]] | None = None  # fine-tune only these decoder layers
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+FULL = BuildPlan(
+    hidden=128,
+    intermediate=256,
+    layers=4,
+    heads=4,
+    base_steps=800,
+    base_lr=3e-3,
+    base_corpus={"add": 1.0, "sub": 1.0, "rev": 0.5, "sort": 0.5},
+    expert_steps={"add": 300, "sub": 300, "rev": 300, "sort": 300},
+    expert_lr={"add": 1e-3, "sub": 1e-3, "rev": 3e-4, "sort": 3e-4},
+    expert_replay=0.4,
+    split_sizes={"search": 512, "select": 300, "report": 300},
+    mixture={"add": 0.25, "sub": 0.25, "rev": 0.25, "sort": 0.25},
+)
+
+QUICK = BuildPlan(
+    hidden=32,
+    intermediate=64,
+    layers=2,
+    heads=2,
+    base_steps=12,
+    base_lr=3e-3,
+    base_corpus={"add": 1.0, "sub": 1.0, "rev": 1.0, "sort": 1.0},
+    expert_steps={"add": 4, "sub": 4, "rev": 4, "sort": 4},
+    expert_lr={"add": 1e-3, "sub": 1e-3, "rev": 1e-3, "sort": 1e-3},
+    expert_replay=0.4,
+    split_sizes={"search": 24, "select": 12, "report": 12},
+    mixture=FULL.mixture,
+    batch=16,
+    notes="reduced plan for tests: exercises every code path in seconds",
+)
+
+
+# --- locating ------------------------------------------------------------------------------------
+def load(root: str | os.PathLike) -> ToyFamily:
+    """Read a built family folder (its manifest) into a `ToyFamily`."""
+    root = Path(root).resolve()
+    path = root / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            "not a toy family folder (no manifest.json)",
+            where=str(root),
+            fix="build one with `evomerge toy build OUT` or use `evomerge toy path`",
+        )
+    manifest = json.loads(path.read_text())
+    skills = tuple(manifest["skill_order"])
+    return ToyFamily(
+        root=root,
+        tokenizer=root / manifest["tokenizer"],
+        base=root / manifest["models"]["base"],
+        experts={s: root / manifest["models"]["experts"][s] for s in skills},
+        tasks_dir=root / manifest["tasks_dir"],
+        skills=skills,
+        mixture={s: float(manifest["mixture"][s]) for s in skills},
+    )
+
+
+def family() -> ToyFamily:
+    """The family shipped inside the package (no build step, no network)."""
+    return load(SHIPPED)
+
+
+def manifest(fam: ToyFamily) -> dict:
+    """The parsed manifest.json of a family."""
+    return json.loads((fam.root / MANIFEST).read_text())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- data and task files -------------------------------------------------------------------------
+def draw_splits(sizes: dict[str, int], seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Per skill, instance-disjoint (by normalized prompt) rows for every split."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for index, skill in enumerate(SKILLS):
+        rng = random.Random(f"toy-eval/{seed}/{skill}")
+        seen: set[str] = set()
+        rows: list[dict] = []
+        total = sum(sizes[s] for s in SPLITS)
+        while len(rows) < total:
+            prompt, answer = SKILLS[skill].draw(rng)
+            key = normalize(prompt)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append({"id": f"{skill}-{len(rows)}", "prompt": prompt, "answer": answer})
+        out[skill] = {}
+        start = 0
+        for split in SPLITS:
+            out[skill][split] = rows[start : start + sizes[split]]
+            start += sizes[split]
+    return out
+
+
+_COMMON_YAML = """\
+# Shared settings of every toy task (included by toy_<skill>_<split>.yaml).
+# The data are local JSONL files next to this file; toy_loader.load resolves them relative to itself,
+# so the tasks work wherever the package is installed and through `lm_eval --include_path`.
+custom_dataset: !function toy_loader.load
+test_split: test
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+  temperature: 0.0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_LOADER_PY = '''\
+"""Load one toy split (local JSONL next to this file) for lm-eval's `custom_dataset` hook."""
+
+from pathlib import Path
+
+import datasets
+
+
+def load(data_file, **_metadata):
+    """Return {"test": Dataset} for `data_file`, a path relative to this folder."""
+    path = Path(__file__).resolve().parent / data_file
+    rows = [__import__("json").loads(line) for line in path.read_text().splitlines() if line]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+'''
+
+
+def write_tasks(tasks_dir: Path, splits: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+    """Write JSONL data, task YAMLs, groups and the loader; return the manifest's `splits` table."""
+    data_dir = tasks_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (tasks_dir / "_toy_common.yaml").write_text(_COMMON_YAML)
+    (tasks_dir / "toy_loader.py").write_text(_LOADER_PY)
+    table: dict[str, dict] = {}
+    for skill, by_split in splits.items():
+        for split, rows in by_split.items():
+            rel = f"data/{skill}_{split}.jsonl"
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+            (tasks_dir / rel).write_text(text)
+            task = f"toy_{skill}_{split}"
+            (tasks_dir / f"{task}.yaml").write_text(
+                f"# {SKILLS[skill].description} ({split} split)\n"
+                f"include: _toy_common.yaml\ntask: {task}\n"
+                f"dataset_kwargs:\n  data_file: {rel}\n"
+            )
+            table[task] = {
+                "skill": skill,
+                "split": split,
+                "file": f"{tasks_dir.name}/{rel}",
+                "size": len(rows),
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
+    for split in SPLITS:
+        members = "\n".join(f"  - toy_{s}_{split}" for s in splits)
+        (tasks_dir / f"toy_{split}.yaml").write_text(
+            f"# Unweighted mean over the skills ({split} split); the weighted mixture is in manifest.json.\n"
+            f"group: toy_{split}\ntask:\n{members}\n"
+            "aggregate_metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+            "    weight_by_size: false\nmetadata:\n  version: 1.0\n"
+        )
+    return table
+
+
+def _layer_filter(layers: list[int] | None) -> Callable[[str], bool] | None:
+    """Parameter-name filter for an expert that fine-tunes only some decoder layers."""
+    if layers is None:
+        return None
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
+    return lambda name: name.startswith(prefixes)
+
+
+_BASE_FIELDS = ("hidden", "intermediate", "layers", "heads", "base_steps", "base_lr", "base_corpus",
+                "batch", "split_sizes")  # and the skills' generators (toyskills) must not have changed
+
+
+def _check_reusable(root: Path, plan: BuildPlan, seed: int) -> None:
+    old = json.loads((root / MANIFEST).read_text())
+    mine = asdict(plan)
+    diff = [f for f in _BASE_FIELDS if old["plan"].get(f) != mine[f]]
+    if old["seed"] != seed or diff:
+        raise CheckpointError(
+            f"its base was built with other settings ({', '.join(diff) or 'seed'})",
+            where=str(root),
+            fix="reuse a base built with the same seed and base settings, or rebuild it",
+        )
+
+
+# --- build ---------------------------------------------------------------------------------------
+def _stderr(msg: str) -> None:
+    print(f"[toy] {msg}", file=sys.stderr, flush=True)
+
+
+def build(
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    overwrite: bool = False,
+    plan: BuildPlan | None = None,
+    log: Callable[[str], None] | None = _stderr,
+    reuse_base: str | os.PathLike | None = None,
+) -> ToyFamily:
+    """Train and write a family into `out` (a temp folder next to it, renamed at the end).
+
+    Deterministic: the same seed and plan give the same bytes (one CPU thread, deterministic
+    algorithms). `quick=True` uses a reduced plan (tiny model, few steps) that builds in seconds.
+    `reuse_base` (a tuning shortcut) copies the base of a family built with the same seed and the
+    same base settings instead of retraining it; the result is the same bytes.
+    """
+    import torch
+
+    from evomerge import training
+
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise OutputError(
+                "output folder exists and is not empty",
+                where=str(out),
+                fix="pass a new folder, or delete this one first",
+            )
+    plan = plan or (QUICK if quick else FULL)
+    log = log or (lambda _m: None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per member is noise
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)  # bit-identical results; also the fastest on a busy 2-core machine
+    torch.use_deterministic_algorithms(True)
+    try:
+        splits = draw_splits(plan.split_sizes, seed)
+        exclude = {normalize(r["prompt"]) for by in splits.values() for rows in by.values() for r in rows}
+        tokenizer = training.build_tokenizer()
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        shape = training.ModelShape(
+            hidden=plan.hidden, intermediate=plan.intermediate, layers=plan.layers, heads=plan.heads
+        )
+        base = training.new_model(shape, seed)
+        if reuse_base is not None:
+            _check_reusable(Path(reuse_base), plan, seed)
+            log(f"base: reused from {reuse_base}")
+            src = training.load_model(Path(reuse_base) / "base")
+            base.load_state_dict(src.state_dict())
+            shutil.copytree(Path(reuse_base) / "base", tmp / "base")
+        else:
+            log(f"base: {sum(p.numel() for p in base.parameters())} parameters, {plan.base_steps} steps")
+            training.train(
+                base,
+                training.Schedule(plan.base_steps, plan.base_lr, plan.base_corpus, batch=plan.batch, warmup=50),
+                seed=seed * 1000 + 1,
+                exclude=exclude,
+                log=log,
+            )
+            training.save(base, tokenizer, tmp / "base")
+        # Experts start from the *stored* (fp16-rounded) base, so task vectors are exact differences.
+        base_state = {k: v.detach().half().float() for k, v in base.state_dict().items()}
+        for index, skill in enumerate(SKILLS):
+            expert = training.new_model(shape, seed)
+            expert.load_state_dict(base_state)
+            others = [o for o in SKILLS if o != skill]
+            mixture = {skill: 1.0 - plan.expert_replay}
+            if plan.expert_replay > 0:
+                mixture.update({o + plan.replay_variant: plan.expert_replay / len(others) for o in others})
+            log(f"expert {skill}: {plan.expert_steps[skill]} steps at lr {plan.expert_lr[skill]}")
+            training.train(
+                expert,
+                training.Schedule(
+                    plan.expert_steps[skill], plan.expert_lr[skill], mixture, batch=plan.batch, warmup=10
+                ),
+                seed=seed * 1000 + 100 + index,
+                exclude=exclude,
+                trainable=_layer_filter(plan.expert_layers.get(skill)) if plan.expert_layers else None,
+            )
+            training.save(expert, tokenizer, tmp / "experts" / skill)
+        table = write_tasks(tmp / "tasks", splits)
+        manifest_data = {
+            "format": 1,
+            "seed": seed,
+            "quick": quick,
+            "skill_order": list(SKILLS),
+            "skills": {s: {"description": SKILLS[s].description} for s in SKILLS},
+            "mixture": plan.mixture,
+            "tokenizer": "tokenizer",
+            "models": {"base": "base", "experts": {s: f"experts/{s}" for s in SKILLS}},
+            "tasks_dir": "tasks",
+            "splits": table,
+            "plan": asdict(plan),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest_data, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+        if bars:
+            hf_logging.enable_progress_bar()
+    log(f"family written to {out}")
+    return load(out)

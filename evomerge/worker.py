@@ -1,0 +1,216 @@
+"""One trial's work, in one process: merge a recipe into a resident model and evaluate it.
+
+Why a plain class: the search runs it in-process (`executors/local.py`) or wraps it in a Ray actor
+(`executors/ray_pool.py`); either way the expensive state (memory-mapped sources, the resident model,
+the evaluator with its tasks built once) is created once per process and reused for every trial. Only
+a `TrialJob` (a recipe as a plain dict, kilobytes) comes in and a `TrialOutcome` (metrics and timings)
+goes out, so both are small and picklable. This module imports no Ray and no Optuna.
+
+Contract (ARCHITECTURE.md, keep stable):
+- `WorkerSpec` is picklable and fully describes how to build a worker.
+- `Worker(spec).run(job) -> TrialOutcome` never raises: any exception becomes `outcome.error`.
+- `Worker.setup()` builds the heavy state eagerly (idempotent; `run` calls it lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a process needs to build a worker. Plain data: picklable, hashable.
+
+    sources: every model path a recipe may name (as written in the recipe), base included.
+    base: the checkpoint whose architecture and config the resident model takes (normally the base
+      model, else the first source); its weights are overwritten by every merge.
+    dtype: torch dtype name of the resident model ("float32", "bfloat16", ...).
+    tokenizer: path of the tokenizer used by the evaluator (defaults to `base`).
+    tasks: evaluator task names (without split suffix); include_path: a folder of local task YAML.
+    threads: torch intra-op threads for this process (None: leave torch's default).
+    evaluator: optional "module:callable" import path; the callable takes this spec and returns an
+      object with `evaluate(model, split, *, limit=None, seed=0) -> EvalResult`. None means
+      `evomerge.evaluate.LMEvalEvaluator`. Lets users (and tests) plug in their own scorer.
+    """
+
+    sources: tuple[str, ...]
+    base: str
+    dtype: str = "float32"
+    tokenizer: str | None = None
+    tasks: tuple[str, ...] = ()
+    include_path: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 64
+    evaluator: str | None = None
+    options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One candidate to score: the Optuna trial number, the recipe (MergeRecipe as a plain dict),
+    the split to evaluate on, an optional seeded subset size, and the subset seed."""
+
+    number: int
+    recipe: dict
+    split: str
+    limit: int | None = None
+    seed: int = 0
+    tag: str = ""  # free text the caller uses to route outcomes (e.g. "search", "select", "report:x")
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What came back: raw metrics {task: {metric: value}} or an error string (never both)."""
+
+    number: int
+    metrics: dict[str, dict[str, float]] | None
+    error: str | None
+    timings: dict[str, float]
+    node: str
+    pid: int
+    tag: str = ""
+    samples: dict[str, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.metrics is not None
+
+
+def _load_callable(path: str):
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"evaluator {path!r} must look like 'package.module:callable'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _finite_metrics(metrics: dict) -> dict[str, dict[str, float]]:
+    """Keep numeric metrics as floats; lm-eval also returns strings and stderr entries."""
+    out: dict[str, dict[str, float]] = {}
+    for task, values in metrics.items():
+        row: dict[str, float] = {}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            row[str(name)] = float(value)
+        out[str(task)] = row
+    return out
+
+
+class Worker:
+    """Sources + resident model + evaluator, created once; `run(job)` per trial."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.sources = None
+        self.model = None
+        self.evaluator = None
+        self.setup_seconds = 0.0
+        self._setup_error: str | None = None
+
+    # -- heavy state ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Open sources, load the resident model and build the evaluator (once per process)."""
+        if self.model is not None:
+            return
+        t0 = time.perf_counter()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.checkpoints import Sources
+
+        spec = self.spec
+        if spec.threads:
+            torch.set_num_threads(int(spec.threads))
+        self.sources = Sources.open(list(spec.sources), device=spec.device)
+        dtype = getattr(torch, spec.dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype)
+        model.to(spec.device)
+        model.eval()
+        model.requires_grad_(False)  # inference only; merges write weights under no_grad
+        if spec.evaluator:
+            self.evaluator = _load_callable(spec.evaluator)(spec)
+        else:
+            from transformers import AutoTokenizer
+
+            from evomerge.evaluate import LMEvalEvaluator
+
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
+            self.evaluator = LMEvalEvaluator(
+                tokenizer,
+                list(spec.tasks),
+                spec.include_path,
+                batch_size=spec.batch_size,
+                device=spec.device,
+            )
+        self.model = model
+        self.setup_seconds = time.perf_counter() - t0
+
+    def merge(self, recipe_dict: dict) -> None:
+        """Write the recipe's merged tensors into the resident model (no disk)."""
+        from evomerge.merge import merge_into
+        from evomerge.recipe import MergeRecipe
+        from evomerge.sinks import ModelSink
+
+        recipe = MergeRecipe.model_validate(recipe_dict)
+        merge_into(ModelSink(self.model), recipe, self.sources)
+
+    # -- per trial --------------------------------------------------------------------------------
+    def run(self, job: TrialJob) -> TrialOutcome:
+        """Merge and evaluate one candidate. Never raises: errors come back in `outcome.error`."""
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        metrics = None
+        samples = None
+        error = None
+        stage = "setup"
+        try:
+            if self.model is None:
+                t0 = time.perf_counter()
+                self.setup()
+                timings["setup"] = time.perf_counter() - t0
+            stage = "merge"
+            t0 = time.perf_counter()
+            self.merge(job.recipe)
+            timings["merge"] = time.perf_counter() - t0
+            stage = "evaluate"
+            t0 = time.perf_counter()
+            result = self.evaluator.evaluate(self.model, job.split, limit=job.limit, seed=job.seed)
+            timings["eval"] = time.perf_counter() - t0
+            metrics = _finite_metrics(result.metrics)
+            samples = dict(getattr(result, "samples", {}) or {})
+            bad = [
+                f"{t}/{m}" for t, row in metrics.items() for m, v in row.items() if not math.isfinite(v)
+            ]
+            if bad:
+                error = f"evaluate: non-finite metric {', '.join(bad)}"
+                metrics = None
+        except BaseException as exc:  # noqa: BLE001 - a trial must never take the search down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            tb = traceback.format_exc(limit=3)
+            error = f"{stage}: {type(exc).__name__}: {exc}"
+            if len(error) < 200:
+                error = f"{error}\n{tb[-800:]}"
+            metrics = None
+        timings["total"] = time.perf_counter() - t_start
+        return TrialOutcome(
+            number=job.number,
+            metrics=metrics,
+            error=error,
+            timings=timings,
+            node=socket.gethostname(),
+            pid=os.getpid(),
+            tag=job.tag,
+            samples=samples,
+        )

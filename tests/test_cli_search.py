@@ -1,0 +1,217 @@
+"""`evomerge search` end to end on the embedded toy family, with the real merge engine and lm-eval.
+
+- a small search beats the uniform-weights baseline on the select split;
+- best.yaml -> `evomerge merge` -> exactly the tensors that were scored, and the same score again;
+- a run killed with SIGKILL after k trials resumes with the same command, completes the budget, and
+  redoes no finished trial;
+- a planted bad candidate becomes a FAIL trial and the search finishes;
+- user mistakes exit 2 before any heavy work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from evomerge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return e
+
+
+def space_file(tmp_path: Path, body: str, name: str = "space.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+SLERP = """
+name: e2e_slerp
+models: [toy:add, toy:rev]
+method: slerp
+parameters:
+  slerp:
+    t: {points: 2}
+objective:
+  tasks_dir: toy
+  tasks: [toy_add, toy_rev]
+search: {trials: 16, seed: 0, limit: 48, top_k: 3}
+"""
+
+# Task arithmetic over the four experts with one shared weight: the uniform baseline (0.5 each, i.e.
+# twice the average task vector) overshoots, and a weight near 0.3 is clearly better on rev + sort
+# (measured on select: ~0.77 at 0.5 vs ~0.87 at 0.35), so a small search must find it.
+TASK_ARITHMETIC = """
+name: e2e
+models: [toy:add, toy:rev, toy:sub, toy:sort]
+base_model: toy:base
+method: task_arithmetic
+parameters:
+  task_arithmetic:
+    weight: {low: 0.0, high: 1.0, shared: true}
+objective:
+  tasks_dir: toy
+  tasks: [toy_rev, toy_sort]
+search: {trials: 10, seed: 0, limit: 48, top_k: 3, sampler: tpe}
+"""
+
+
+def load(out: Path):
+    return optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """One small search on the toy family, in-process through the CLI entry point."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    space = space_file(tmp, TASK_ARITHMETIC)
+    out = tmp / "run"
+    t0 = time.perf_counter()
+    assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 0
+    return {"space": space, "out": out, "seconds": time.perf_counter() - t0}
+
+
+@pytest.mark.slow
+def test_search_beats_uniform_on_select(e2e):
+    study = load(e2e["out"])
+    select = {int(k): v for k, v in study.user_attrs["select_scores"].items()}
+    baseline = next(t.number for t in study.trials if t.user_attrs.get("role") == "baseline:task_arithmetic")
+    winner = study.user_attrs["winner"]
+    assert winner != baseline, "the search found nothing better than the uniform weights"
+    assert select[winner]["score"] > select[baseline]["score"] + 0.02
+    report = (e2e["out"] / "report.md").read_text()
+    assert "parent:add" in report and "baseline:task_arithmetic" in report
+
+
+@pytest.mark.slow
+def test_best_yaml_merges_to_the_scored_tensors_and_score(e2e, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.evaluate import LMEvalEvaluator
+    from evomerge.recipe import load_recipe
+    from evomerge.score import mixture
+    from evomerge.search import worker_spec
+    from evomerge.space import load_space
+    from evomerge.worker import Worker
+
+    out = e2e["out"]
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out / "best.yaml"), str(merged), "--no-progress"]) == 0
+    # the candidate as the search scored it: the worker's resident model after merge_into
+    space = load_space(e2e["space"])
+    worker = Worker(worker_spec(space))
+    worker.setup()
+    worker.merge(load_recipe(out / "best.yaml").to_dict())
+    scored = {k: v for k, v in worker.model.state_dict().items()}
+    on_disk = {}
+    for f in sorted(merged.glob("*.safetensors")):
+        on_disk.update(load_file(f))
+    for name, tensor in on_disk.items():
+        assert torch.equal(scored[name], tensor), name
+    # reloaded from disk and re-evaluated: the same select score
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    evaluator = LMEvalEvaluator(AutoTokenizer.from_pretrained(merged), [t.task for t in space.objective.tasks],
+                                space.objective.tasks_dir)
+    study = load(out)
+    expected = study.user_attrs["select_scores"][str(study.user_attrs["winner"])]["score"]
+    got = mixture(evaluator.evaluate(model, "select"), space.objective, "select")
+    assert got == expected
+
+
+def _completed(out: Path) -> int:
+    try:
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in load(out).trials)
+    except Exception:  # noqa: BLE001 - the database does not exist yet
+        return 0
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_completes_budget_without_duplicates(tmp_path):
+    space = space_file(tmp_path, SLERP.replace("trials: 16", "trials: 8").replace("limit: 48", "limit: 24"))
+    out = tmp_path / "run"
+    cmd = EVOMERGE + ["search", str(space), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while _completed(out) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)  # a real, unclean interrupt
+    proc.wait()
+    before = {t.number: t for t in load(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 3 <= len(before) < 8
+    done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    study = load(out)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 8
+    for number, t in before.items():  # finished trials kept, never redone
+        assert study.trials[number].state == optuna.trial.TrialState.COMPLETE
+        assert study.trials[number].value == t.value
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 8
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert running == []
+    assert (out / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_planted_bad_candidate_fails_and_search_finishes(tmp_path):
+    # density 0 is outside TIES's valid range (0, 1]: the engine refuses that candidate
+    space = space_file(tmp_path, """
+        name: planted
+        models: [toy:add, toy:rev]
+        base_model: toy:base
+        method: ties
+        parameters:
+          ties: {density: {low: 0.1, high: 1.0}, weight: 0.5}
+        objective: {tasks_dir: toy, tasks: [toy_add, toy_rev]}
+        search: {trials: 4, seed: 0, limit: 8, top_k: 1, sampler: random}
+        """)
+    from evomerge.search import run_search
+    from evomerge.space import load_space
+
+    s = load_space(space)
+    out = tmp_path / "run"
+    from evomerge.study import create_study, default_storage
+
+    out.mkdir()
+    study, _ = create_study(s, default_storage(out))
+    study.enqueue_trial({"ties.density.add": 0.5, "ties.density.rev": 0.0})
+    result = run_search(s, out, progress=False)
+    fails = [t for t in result.study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(result.study.trials) == 4 and len(fails) == 1
+    assert "density" in fails[0].user_attrs["fail_reason"]
+    assert result.winner is not None and (out / "best.yaml").is_file()
+
+
+def test_user_mistakes_exit_2_fast(tmp_path):
+    bad = space_file(tmp_path, SLERP.replace("points: 2", "pionts: 2"))
+    t0 = time.perf_counter()
+    r = subprocess.run(EVOMERGE + ["search", str(bad), "--out", str(tmp_path / "o")], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "parameters.slerp.t.pionts" in r.stderr and "did you mean 'points'" in r.stderr
+    missing = subprocess.run(EVOMERGE + ["search", str(tmp_path / "nope.yaml")], env=env(), capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    trials0 = subprocess.run(EVOMERGE + ["search", str(space_file(tmp_path, SLERP, "ok.yaml")), "--trials", "0"],
+                             env=env(), capture_output=True, text=True, timeout=120)
+    assert trials0.returncode == 2 and "--trials" in trials0.stderr
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "o").exists()  # nothing was created before the error
