@@ -25,7 +25,7 @@ import random
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -81,8 +81,8 @@ class BuildPlan:
     batch: int = 64
     replay_variant: str = ""  # ":easy" replays the base's narrow range of the other skills
     expert_layers: dict[str, list[int]] | None = None  # fine-tune only these decoder layers
+    expert_optimizer: str = "adamw"  # "sgd": task vectors follow the accumulated gradients
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 FULL = BuildPlan(
@@ -311,7 +311,7 @@ def build(
             raise OutputError(
                 "output folder exists and is not empty",
                 where=str(out),
-                fix="pass a new folder, or delete this one first",
+                fix="pass a new folder, or replace it with --overwrite (overwrite=True)",
             )
     plan = plan or (QUICK if quick else FULL)
     log = log or (lambda _m: None)
@@ -364,7 +364,12 @@ def build(
             training.train(
                 expert,
                 training.Schedule(
-                    plan.expert_steps[skill], plan.expert_lr[skill], mixture, batch=plan.batch, warmup=10
+                    plan.expert_steps[skill],
+                    plan.expert_lr[skill],
+                    mixture,
+                    batch=plan.batch,
+                    warmup=10,
+                    optimizer=plan.expert_optimizer,
                 ),
                 seed=seed * 1000 + 100 + index,
                 exclude=exclude,

@@ -45,6 +45,7 @@ class Schedule:
     batch: int = 64
     warmup: int = 20
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -156,7 +157,10 @@ def train(
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if not params:
         raise ValueError("no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay)
+    if schedule.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=schedule.lr, momentum=0.9, weight_decay=schedule.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < schedule.warmup:
