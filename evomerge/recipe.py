@@ -24,13 +24,12 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, read_config_text
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -198,15 +197,10 @@ class MergeRecipe(_Strict):
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     """Read a recipe file; a missing or malformed file is a ConfigError naming it."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("recipe file not found", where=str(path),
-                          fix="check the path (relative paths are resolved from the current folder)") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read recipe file ({exc.__class__.__name__})", where=str(path),
-                          fix="pass a readable UTF-8 YAML file") from None
+    text = read_config_text(
+        path, what="recipe file",
+        missing_fix="check the path (relative paths are resolved from the current folder)",
+    )
     return MergeRecipe.from_yaml(text, source=str(path))
 
 

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, read_config_text
 
 SAMPLERS = ("auto", "cmaes", "tpe", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -302,14 +302,9 @@ def load_space(path: str | Path) -> SearchSpace:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("search space file not found", where=str(path),
-                          fix="check the path; ready-made spaces are in search_spaces/") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the search space ({type(exc).__name__})", where=str(path),
-                          fix="pass a readable UTF-8 YAML file") from None
+    text = read_config_text(
+        p, what="search space file", missing_fix="check the path; ready-made spaces are in search_spaces/"
+    )
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
