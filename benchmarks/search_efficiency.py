@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python benchmarks/search_efficiency.py   # ~15-25 min
     .venv/bin/python benchmarks/search_efficiency.py --seeds 2 --trials 20 --grid-points 6      # smoke run
 
-The space (default: task arithmetic of the addition and reversal experts with one weight per expert:
+The space (default: task arithmetic of the upper-casing and reversal experts with one weight per expert:
 2 dimensions, so that a dense grid is affordable, and a landscape with structure: too much of both
 task vectors collapses the model) is searched, for each of `--seeds`
 seeds, by the space's default sampler and by random search, `--trials` trials each, on the search
@@ -29,7 +29,7 @@ from pathlib import Path
 
 SPACE = """
 name: efficiency_task_arithmetic
-models: [toy:add, toy:rev]
+models: [toy:up, toy:rev]
 base_model: toy:base
 method: task_arithmetic
 parameters:
@@ -37,7 +37,7 @@ parameters:
     weight: {low: 0.0, high: 1.0}
 objective:
   tasks_dir: toy
-  tasks: [toy_add, toy_rev]
+  tasks: [toy_up, toy_rev]
 search: {trials: 50, seed: 0, limit: 64, top_k: 5}
 """
 

@@ -7,7 +7,7 @@ calls `lm_eval.evaluator.evaluate` per trial: no per-call environment collection
 re-rendering as `simple_evaluate` would do. A `limit` selects a seeded random subset of each task
 (the same subset for the same seed, so trials are compared on the same items), never the first N.
 
-Task `T` on split `S` is the lm-eval task `T_S` (`toy_add` + `search` -> `toy_add_search`).
+Task `T` on split `S` is the lm-eval task `T_S` (`toy_rev` + `search` -> `toy_rev_search`).
 Metrics come back keyed by that full task name; the filter suffix `,none` is dropped
 (`exact_match`), other filters keep theirs (`exact_match,strict`); stderr entries are left out.
 """
@@ -30,11 +30,15 @@ from evomerge.errors import ConfigError
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Raw lm-eval metrics per task, the number of items scored per task, and the wall time."""
+    """Raw lm-eval metrics per task, the number of items scored per task, and the wall time.
+
+    `items` (only when asked for, `per_item=True`): per task and metric, the score of every item in
+    document order, for paired comparisons of two models on the same items."""
 
     metrics: dict[str, dict[str, float]]
     samples: dict[str, int]
     seconds: float
+    items: dict[str, dict[str, list[float]]] | None = None
 
 
 class Evaluator(Protocol):
@@ -69,6 +73,15 @@ def _metric_rows(results: dict[str, dict], names: list[str]) -> dict[str, dict[s
             row[metric if filt in ("", "none") else key] = float(value)
         out[name] = row
     return out
+
+
+def _item_rows(logged: dict[str, list[dict]], names: list[str], metrics: dict) -> dict[str, dict[str, list[float]]]:
+    """Per task and metric, every logged item's score in document order."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for name in names:
+        docs = sorted(logged[name], key=lambda d: d["doc_id"])
+        rows[name] = {m: [float(d[m]) for d in docs] for m in metrics[name] if docs and m in docs[0]}
+    return rows
 
 
 @contextlib.contextmanager
@@ -190,8 +203,11 @@ class LMEvalEvaluator:
         self.tasks_for(split)
         return dict(self._sizes[split])
 
-    def evaluate(self, model: Any, split: str, *, limit: int | None = None, seed: int = 0) -> EvalResult:
-        """Score `model` (evaluated as it is now) on every task of `split`."""
+    def evaluate(
+        self, model: Any, split: str, *, limit: int | None = None, seed: int = 0, per_item: bool = False
+    ) -> EvalResult:
+        """Score `model` (evaluated as it is now) on every task of `split` (`per_item`: keep each
+        item's score too, in `EvalResult.items`)."""
         from lm_eval import evaluator as lm_evaluator
 
         t0 = time.perf_counter()
@@ -209,11 +225,12 @@ class LMEvalEvaluator:
         try:
             with _quiet_lm_eval(), redirect:
                 out = lm_evaluator.evaluate(
-                    lm, task_dict, samples=samples, bootstrap_iters=0, log_samples=False, verbosity="ERROR"
+                    lm, task_dict, samples=samples, bootstrap_iters=0, log_samples=per_item, verbosity="ERROR"
                 )
         except BaseException:
             sys.stderr.write(captured.getvalue())
             raise
         metrics = _metric_rows(out["results"], names)
         counts = {n: (len(samples[n]) if samples else self._sizes[split][n]) for n in names}
-        return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0)
+        items = _item_rows(out["samples"], names, metrics) if per_item else None
+        return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items)

@@ -11,7 +11,7 @@ searched dimensions with their Optuna names; `suggest.py` turns them into `trial
 File layout (see search_spaces/ for complete examples):
 
     name: my_search                     # optional; default: the file name
-    models: [./experts/add, {name: rev, path: ./experts/rev}]   # `toy:<skill>` = the embedded toy family
+    models: [./experts/up, {name: rev, path: ./experts/rev}]   # `toy:<skill>` = the embedded toy family
     base_model: ./base                  # needed by ties/dare/task_arithmetic
     dtype: float32
     method: slerp                       # or a list: [linear, slerp, ties] (the method is searched)
@@ -24,7 +24,7 @@ File layout (see search_spaces/ for complete examples):
         normalize: {choices: [true, false]}
     objective:
       tasks_dir: toy                    # a folder of lm-eval task YAML (relative to this file) or `toy`
-      tasks: [{task: toy_add, weight: 1, metric: exact_match, direction: maximize}]
+      tasks: [{task: toy_up, weight: 1, metric: exact_match, direction: maximize}]
       splits: {search: search, select: select, report: report}
     search: {trials: 50, sampler: auto, pruner: none, seed: 0, limit: null, fidelity: null, top_k: 5}
 
@@ -589,7 +589,7 @@ def _resolve_model_path(text: str, root: Path, where: str, *, need_config: bool 
     if text.startswith("toy:"):
         fam = _toy_family()
         key = text[4:]
-        table = {**fam.experts, **fam.models}  # toy:add, toy:expert_add, toy:base
+        table = {**fam.experts, **fam.models}  # toy:rev, toy:expert_rev, toy:base
         if key not in table:
             import difflib
 

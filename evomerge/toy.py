@@ -50,7 +50,7 @@ class ToyFamily:
     mixture: dict[str, float]
 
     def tasks(self, split: str) -> list[str]:
-        """The lm-eval task names of one split, e.g. `toy_add_search`, in skill order."""
+        """The lm-eval task names of one split, e.g. `toy_rev_search`, in skill order."""
         if split not in SPLITS:
             raise ConfigError(f"unknown split {split!r}", where="toy family", fix=f"use one of {', '.join(SPLITS)}")
         return [f"toy_{s}_{split}" for s in self.skills]
@@ -64,8 +64,10 @@ class ToyFamily:
 # --- build settings ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BuildPlan:
-    """Everything `build` varies: model shape, base and expert schedules, split sizes, mixture."""
+    """Everything `build` varies: the skills, model shape, base and expert schedules, split sizes,
+    mixture."""
 
+    skills: tuple[str, ...]  # one expert and one task per skill (toyskills.SKILLS names)
     hidden: int
     intermediate: int
     layers: int
@@ -75,10 +77,11 @@ class BuildPlan:
     base_corpus: dict[str, float]
     expert_steps: dict[str, int]
     expert_lr: dict[str, float]
-    expert_replay: float
+    expert_replay: float  # share of each expert's batches drawn from the other skills
     split_sizes: dict[str, int]
     mixture: dict[str, float]
     batch: int = 64
+    replay_targets: str = "truth"  # "base": replayed instances are answered by the base (self-distillation)
     replay_variant: str = ""  # ":easy" replays the base's narrow range of the other skills
     expert_layers: dict[str, list[int]] | None = None  # fine-tune only these decoder layers
     expert_optimizer: str = "adamw"  # "sgd": task vectors follow the accumulated gradients
@@ -86,31 +89,35 @@ class BuildPlan:
 
 
 FULL = BuildPlan(
+    skills=("rev", "sort", "up", "next"),
     hidden=128,
     intermediate=256,
     layers=4,
     heads=4,
-    base_steps=800,
+    base_steps=400,
     base_lr=3e-3,
-    base_corpus={"add": 1.0, "sub": 1.0, "rev": 0.5, "sort": 0.5},
-    expert_steps={"add": 300, "sub": 300, "rev": 300, "sort": 300},
-    expert_lr={"add": 1e-3, "sub": 1e-3, "rev": 3e-4, "sort": 3e-4},
+    base_corpus={"rev": 1.0, "sort": 1.0, "up": 0.3, "next": 0.3},
+    expert_steps={"rev": 300, "sort": 300, "up": 300, "next": 300},
+    expert_lr={"rev": 3e-4, "sort": 3e-4, "up": 1e-3, "next": 1e-3},
     expert_replay=0.4,
+    replay_targets="base",
     split_sizes={"search": 512, "select": 300, "report": 300},
-    mixture={"add": 0.25, "sub": 0.25, "rev": 0.25, "sort": 0.25},
+    mixture={"rev": 0.25, "sort": 0.25, "up": 0.25, "next": 0.25},
 )
 
 QUICK = BuildPlan(
+    skills=FULL.skills,
     hidden=32,
     intermediate=64,
     layers=2,
     heads=2,
     base_steps=12,
     base_lr=3e-3,
-    base_corpus={"add": 1.0, "sub": 1.0, "rev": 1.0, "sort": 1.0},
-    expert_steps={"add": 4, "sub": 4, "rev": 4, "sort": 4},
-    expert_lr={"add": 1e-3, "sub": 1e-3, "rev": 1e-3, "sort": 1e-3},
+    base_corpus={"rev": 1.0, "sort": 1.0, "up": 1.0, "next": 1.0},
+    expert_steps={"rev": 4, "sort": 4, "up": 4, "next": 4},
+    expert_lr={"rev": 1e-3, "sort": 1e-3, "up": 1e-3, "next": 1e-3},
     expert_replay=0.4,
+    replay_targets="base",
     split_sizes={"search": 24, "select": 12, "report": 12},
     mixture=FULL.mixture,
     batch=16,
@@ -157,10 +164,12 @@ def sha256(path: Path) -> str:
 
 
 # --- data and task files -------------------------------------------------------------------------
-def draw_splits(sizes: dict[str, int], seed: int) -> dict[str, dict[str, list[dict]]]:
+def draw_splits(
+    sizes: dict[str, int], seed: int, skills: tuple[str, ...] = FULL.skills
+) -> dict[str, dict[str, list[dict]]]:
     """Per skill, instance-disjoint (by normalized prompt) rows for every split."""
     out: dict[str, dict[str, list[dict]]] = {}
-    for index, skill in enumerate(SKILLS):
+    for skill in skills:
         rng = random.Random(f"toy-eval/{seed}/{skill}")
         seen: set[str] = set()
         rows: list[dict] = []
@@ -263,20 +272,39 @@ def _layer_filter(layers: list[int] | None) -> Callable[[str], bool] | None:
     return lambda name: name.startswith(prefixes)
 
 
-_BASE_FIELDS = ("hidden", "intermediate", "layers", "heads", "base_steps", "base_lr", "base_corpus",
+_BASE_FIELDS = ("skills", "hidden", "intermediate", "layers", "heads", "base_steps", "base_lr", "base_corpus",
                 "batch", "split_sizes")  # and the skills' generators (toyskills) must not have changed
 
 
 def _check_reusable(root: Path, plan: BuildPlan, seed: int) -> None:
     old = json.loads((root / MANIFEST).read_text())
     mine = asdict(plan)
-    diff = [f for f in _BASE_FIELDS if old["plan"].get(f) != mine[f]]
+    diff = [f for f in _BASE_FIELDS if old["plan"].get(f) != json.loads(json.dumps(mine[f]))]
     if old["seed"] != seed or diff:
         raise CheckpointError(
             f"its base was built with other settings ({', '.join(diff) or 'seed'})",
             where=str(root),
             fix="reuse a base built with the same seed and base settings, or rebuild it",
         )
+
+
+def _check_plan(plan: BuildPlan) -> None:
+    """Names and keys of a plan agree (a typo would otherwise surface minutes into a build)."""
+    unknown = [s for s in plan.skills if s not in SKILLS]
+    if unknown or len(set(plan.skills)) != len(plan.skills) or len(plan.skills) < 2:
+        raise ConfigError(f"skills must be two or more distinct names, got {list(plan.skills)}",
+                          where="toy plan.skills", fix=f"choose from {', '.join(SKILLS)}")
+    for field in ("expert_steps", "expert_lr", "mixture"):
+        if set(getattr(plan, field)) != set(plan.skills):
+            raise ConfigError(f"keys {sorted(getattr(plan, field))} do not match the skills {list(plan.skills)}",
+                              where=f"toy plan.{field}", fix="give one entry per skill")
+    background = [s for s in plan.base_corpus if s.partition(":")[0] not in SKILLS]
+    if background:
+        raise ConfigError(f"unknown skills {background} in the base corpus", where="toy plan.base_corpus",
+                          fix=f"choose from {', '.join(SKILLS)}")
+    if plan.replay_targets not in ("truth", "base"):
+        raise ConfigError(f"unknown replay_targets {plan.replay_targets!r}", where="toy plan.replay_targets",
+                          fix="use 'truth' or 'base'")
 
 
 # --- build ---------------------------------------------------------------------------------------
@@ -314,6 +342,7 @@ def build(
                 fix="pass a new folder, or replace it with --overwrite (overwrite=True)",
             )
     plan = plan or (QUICK if quick else FULL)
+    _check_plan(plan)
     log = log or (lambda _m: None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -327,7 +356,7 @@ def build(
     torch.set_num_threads(1)  # bit-identical results; also the fastest on a busy 2-core machine
     torch.use_deterministic_algorithms(True)
     try:
-        splits = draw_splits(plan.split_sizes, seed)
+        splits = draw_splits(plan.split_sizes, seed, plan.skills)
         exclude = {normalize(r["prompt"]) for by in splits.values() for rows in by.values() for r in rows}
         tokenizer = training.build_tokenizer()
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -353,10 +382,14 @@ def build(
             training.save(base, tokenizer, tmp / "base")
         # Experts start from the *stored* (fp16-rounded) base, so task vectors are exact differences.
         base_state = {k: v.detach().half().float() for k, v in base.state_dict().items()}
-        for index, skill in enumerate(SKILLS):
+        teacher = None
+        if plan.replay_targets == "base":
+            teacher = training.new_model(shape, seed)
+            teacher.load_state_dict(base_state)
+        for index, skill in enumerate(plan.skills):
             expert = training.new_model(shape, seed)
             expert.load_state_dict(base_state)
-            others = [o for o in SKILLS if o != skill]
+            others = [o for o in plan.skills if o != skill]
             mixture = {skill: 1.0 - plan.expert_replay}
             if plan.expert_replay > 0:
                 mixture.update({o + plan.replay_variant: plan.expert_replay / len(others) for o in others})
@@ -374,6 +407,8 @@ def build(
                 seed=seed * 1000 + 100 + index,
                 exclude=exclude,
                 trainable=_layer_filter(plan.expert_layers.get(skill)) if plan.expert_layers else None,
+                teacher=teacher,
+                own=(skill,),
             )
             training.save(expert, tokenizer, tmp / "experts" / skill)
         table = write_tasks(tmp / "tasks", splits)
@@ -381,11 +416,11 @@ def build(
             "format": 1,
             "seed": seed,
             "quick": quick,
-            "skill_order": list(SKILLS),
-            "skills": {s: {"description": SKILLS[s].description} for s in SKILLS},
+            "skill_order": list(plan.skills),
+            "skills": {s: {"description": SKILLS[s].description} for s in plan.skills},
             "mixture": plan.mixture,
             "tokenizer": "tokenizer",
-            "models": {"base": "base", "experts": {s: f"experts/{s}" for s in SKILLS}},
+            "models": {"base": "base", "experts": {s: f"experts/{s}" for s in plan.skills}},
             "tasks_dir": "tasks",
             "splits": table,
             "plan": asdict(plan),

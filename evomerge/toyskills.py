@@ -1,6 +1,7 @@
 """The toy family's skills: synthetic prompt/answer generators, one per skill.
 
-The embedded toy family (see `evomerge.toy`) is a base model plus one expert per skill. This module owns
+The embedded toy family (see `evomerge.toy`) is a base model plus one expert per skill of its build plan
+(`toy.FULL.skills`: rev, sort, up, next; add and sub are here for plan variants). This module owns
 what a skill *is*: how an instance is drawn from a seeded `random.Random`, its prompt and its exact
 answer. Training corpora and the lm-eval splits are both drawn from here, so the text format lives in
 one place. Pure Python on purpose (no torch), so tests and the task builder can use it cheaply.
@@ -54,6 +55,16 @@ def _sort(rng: random.Random, longest: int = 7) -> tuple[str, str]:
     return f"sort {w}=", "".join(sorted(w))
 
 
+def _up(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 3, 7)
+    return f"up {w}=", w.upper()
+
+
+def _next(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng, 3, 7)
+    return f"next {w}=", "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in w)
+
+
 SKILLS: dict[str, Skill] = {
     "add": Skill("add", _add, 3, "add two numbers of up to two digits: `23+45=` -> `68`",
                  lambda rng: _add(rng, 49)),
@@ -63,6 +74,8 @@ SKILLS: dict[str, Skill] = {
                  lambda rng: _rev(rng, 4)),
     "sort": Skill("sort", _sort, 7, "sort the letters of a word: `sort dcba=` -> `abcd`",
                  lambda rng: _sort(rng, 4)),
+    "up": Skill("up", _up, 7, "upper-case a word of 3-7 letters: `up abcd=` -> `ABCD`"),
+    "next": Skill("next", _next, 7, "replace each letter by the next one (z -> a): `next abcz=` -> `bcda`"),
 }
 
 

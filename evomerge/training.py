@@ -107,8 +107,9 @@ def new_model(shape: ModelShape, seed: int):
 
 def instances(
     mixture: dict[str, float], seed: int, exclude: set[str]
-) -> Iterator[tuple[str, str]]:
-    """An endless seeded stream of (prompt, answer) drawn by `mixture`, skipping held-out prompts."""
+) -> Iterator[tuple[str, str, str]]:
+    """An endless seeded stream of (corpus entry, prompt, answer) drawn by `mixture`, skipping
+    held-out prompts."""
     rng = random.Random(seed)
     names = list(mixture)
     weights = [mixture[n] for n in names]
@@ -118,7 +119,7 @@ def instances(
         prompt, answer = draw[name](rng)
         if normalize(prompt) in exclude:
             continue
-        yield prompt, answer
+        yield name, prompt, answer
 
 
 def collate(pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,6 +141,18 @@ def collate(pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, mask, lab
 
 
+def replay_targets(
+    batch: list[tuple[str, str, str]], own: tuple[str, ...], answer: Callable[[list[str]], list[str]]
+) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of a batch: instances of the `own` skills keep their true answer, the
+    others (replay) get `answer(prompts)`, e.g. the base's greedy answers."""
+    pairs = [(prompt, truth) for _, prompt, truth in batch]
+    replay = [i for i, (name, _, _) in enumerate(batch) if name.partition(":")[0] not in own]
+    for i, target in zip(replay, answer([pairs[i][0] for i in replay]), strict=True):
+        pairs[i] = (pairs[i][0], target)
+    return pairs
+
+
 def train(
     model,
     schedule: Schedule,
@@ -148,11 +161,16 @@ def train(
     exclude: set[str],
     log: Callable[[str], None] | None = None,
     trainable: Callable[[str], bool] | None = None,
+    teacher=None,
+    own: tuple[str, ...] = (),
 ) -> float:
     """Train `model` in place on `schedule`; return the mean loss of the last 20 steps.
 
     `trainable(name)` picks the parameters that move (default: all); the others stay exactly as
-    they are (they are not given to the optimizer, so not even weight decay touches them)."""
+    they are (they are not given to the optimizer, so not even weight decay touches them).
+    `teacher`: instances of skills not in `own` are answered by the teacher's greedy output instead
+    of the true answer (replay labelled by the base: the fine-tune keeps the base's behaviour on the
+    other skills, errors included, rather than learning them)."""
     torch.manual_seed(seed)
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if not params:
@@ -173,7 +191,12 @@ def train(
     model.train()
     recent: list[float] = []
     for step in range(schedule.steps):
-        ids, mask, lab = collate([next(stream) for _ in range(schedule.batch)])
+        batch = [next(stream) for _ in range(schedule.batch)]
+        if teacher is not None:
+            pairs = replay_targets(batch, own, lambda prompts: greedy_answers(teacher, prompts))
+        else:
+            pairs = [(prompt, answer) for _, prompt, answer in batch]
+        ids, mask, lab = collate(pairs)
         out = model(input_ids=ids, attention_mask=mask, labels=lab)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -188,31 +211,36 @@ def train(
 
 
 @torch.no_grad()
-def greedy_accuracy(model, pairs: list[tuple[str, str]], batch: int = 128) -> float:
-    """Exact-match accuracy of greedy answers (a fast check used while building; lm-eval is the judge)."""
+def greedy_answers(model, prompts: list[str], max_new_tokens: int = 9, batch: int = 128) -> list[str]:
+    """The model's greedy answer to each prompt (up to the first newline)."""
     model.eval()
-    correct = 0
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start : start + batch]
-        prompts = [encode(p) for p, _ in chunk]
-        width = max(len(p) for p in prompts)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch):
+        chunk = [encode(p) for p in prompts[start : start + batch]]
+        width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
+        for i, p in enumerate(chunk):  # left padding
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        steps = max(len(a) for _, a in chunk) + 1
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=steps,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=PAD_ID,
         )
-        for (_, answer), row in zip(chunk, out[:, width:].tolist()):
+        for row in out[:, width:].tolist():
             text = bytes(t - BYTE_OFFSET for t in row if t >= BYTE_OFFSET).decode("utf-8", "replace")
-            correct += text.split("\n")[0] == answer
-    return correct / max(1, len(pairs))
+            answers.append(text.split("\n")[0])
+    return answers
+
+
+def greedy_accuracy(model, pairs: list[tuple[str, str]], batch: int = 128) -> float:
+    """Exact-match accuracy of greedy answers (a fast check used while building; lm-eval is the judge)."""
+    steps = max((len(a) for _, a in pairs), default=0) + 1
+    answers = greedy_answers(model, [p for p, _ in pairs], max_new_tokens=steps, batch=batch)
+    return sum(got == want for got, (_, want) in zip(answers, pairs)) / max(1, len(pairs))
 
 
 def load_model(path: Path):

@@ -170,9 +170,43 @@ class Bench:
 
         merge_into(ModelSink(self.model), MergeRecipe.model_validate(recipe), self.sources)
 
-    def score(self, split: str, limit: int | None = None, seed: int = 0) -> dict[str, float]:
-        res = self.ev.evaluate(self.model, split, limit=limit, seed=seed)
+    def score(self, split: str, limit: int | None = None, seed: int = 0, items: dict | None = None,
+              label: str = "") -> dict[str, float]:
+        """Exact match per skill; with `items`, also keep each item's score under `items[label]`."""
+        res = self.ev.evaluate(self.model, split, limit=limit, seed=seed, per_item=items is not None)
+        if items is not None:
+            items[label] = {s: res.items[f"toy_{s}_{split}"]["exact_match"] for s in self.fam.skills}
         return {s: res.metrics[f"toy_{s}_{split}"]["exact_match"] for s in self.fam.skills}
+
+
+def paired_delta(a: dict[str, list[float]], b: dict[str, list[float]], weights: dict[str, float],
+                 iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mixture(a) - mixture(b) on the same items, with a 95% paired bootstrap interval (items
+    resampled within each skill, the mixture weights kept)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = sum(weights.values())
+    diff = {s: np.asarray(a[s]) - np.asarray(b[s]) for s in weights}
+    point = sum(weights[s] * diff[s].mean() for s in weights) / total
+    draws = np.zeros(iters)
+    for s, d in diff.items():
+        idx = rng.integers(0, len(d), size=(iters, len(d)))
+        draws += weights[s] * d[idx].mean(axis=1) / total
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+
+def external_recipe(path: str) -> dict:
+    """A recipe YAML (e.g. a search's best.yaml), model paths rewritten relative to the repository."""
+    from evomerge.recipe import load_recipe
+
+    data = load_recipe(path).model_dump(exclude_none=True, by_alias=True)
+    for entry in data.get("models") or []:
+        entry["model"] = rel(Path(entry["model"]))
+    if data.get("base_model"):
+        data["base_model"] = rel(Path(data["base_model"]))
+    return data
 
 
 def mixture(row: dict[str, float], weights: dict[str, float]) -> float:
@@ -185,10 +219,12 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=1, help="coordinate passes over the experts")
     ap.add_argument("--grid-split", default="select")
     ap.add_argument("--grid-limit", type=int, default=None)
-    ap.add_argument("--slerp", default="add,rev")
+    ap.add_argument("--slerp", default="up,rev")
     ap.add_argument("--slerp-grid", action="store_true", help="also sweep slerp t for self_attn/mlp")
     ap.add_argument("--top", type=int, default=3, help="grid rows to score on report")
     ap.add_argument("--root", default=None, help="a family folder (default: the shipped one)")
+    ap.add_argument("--recipe", action="append", default=[], metavar="LABEL=PATH",
+                    help="also score this recipe YAML (e.g. a search's best.yaml) on report")
     ap.add_argument("--write", action="store_true", help="write scores.json and examples/toy_*.yaml")
     args = ap.parse_args()
 
@@ -199,16 +235,22 @@ def main() -> int:
     bench = Bench(fam)
     mix = fam.mixture
     rows: dict[str, dict[str, float]] = {}
+    items: dict[str, dict[str, list[float]]] = {}  # per-item report scores, for paired intervals
     recipes: dict[str, dict] = {}
     t0 = time.time()
     for name, path in fam.models.items():
         bench.load_member(path)
-        rows[name] = bench.score("report")
+        rows[name] = bench.score("report", items=items, label=name)
     naive = naive_recipes(fam, tuple(args.slerp.split(",")))
     for name, recipe in naive.items():
         bench.merge(recipe)
-        rows[name] = bench.score("report")
+        rows[name] = bench.score("report", items=items, label=name)
         recipes[name] = recipe
+    for spec in args.recipe:
+        name, _, path = spec.partition("=")
+        recipes[name] = external_recipe(path)
+        bench.merge(recipes[name])
+        rows[name] = bench.score("report", items=items, label=name)
     print(f"fixed rows: {time.time() - t0:.0f}s", file=sys.stderr)
 
     grid_ranked: list[tuple[float, str, dict]] = []
@@ -219,7 +261,7 @@ def main() -> int:
         for rank, (value, name, recipe) in enumerate(grid_ranked[: args.top]):
             bench.merge(recipe)
             label = "best_grid" if rank == 0 else f"grid_{rank + 1}"
-            rows[label] = bench.score("report")
+            rows[label] = bench.score("report", items=items, label=label)
             recipes[label] = recipe
             rows[label]["_select"] = value
             rows[label]["_name"] = name
@@ -230,6 +272,18 @@ def main() -> int:
         label = f"{name} ({row['_name']})" if "_name" in row else name
         print(f"| {label} | " + " | ".join(f"{row[s]:.3f}" for s in fam.skills) + f" | **{mixture(row, mix):.3f}** |")
 
+    experts = [n for n in rows if n.startswith("expert_")]
+    best_expert = max(experts, key=lambda n: mixture(rows[n], mix))
+    best_naive = max(naive, key=lambda n: mixture(rows[n], mix))
+    paired = {}
+    for name in recipes:
+        if name in naive:
+            continue
+        paired[name] = {ref: dict(zip(("delta", "ci95_low", "ci95_high"), paired_delta(items[name], items[ref], mix)))
+                        for ref in (best_expert, best_naive)}
+        print(f"{name}: " + "; ".join(f"vs {ref} {v['delta']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}]"
+                                      for ref, v in paired[name].items()))
+
     if args.write:
         clean = {n: {s: r[s] for s in fam.skills} for n, r in rows.items()}
         out = {
@@ -239,6 +293,8 @@ def main() -> int:
             "mixture": {n: mixture(r, mix) for n, r in clean.items()},
             "grid_split": args.grid_split,
             "grid_top": [{"name": n, "select_mixture": v} for v, n, _ in grid_ranked[:10]],
+            "paired_vs": {"best_expert": best_expert, "best_naive": best_naive},
+            "paired": paired,
         }
         (fam.root / "scores.json").write_text(json.dumps(out, indent=2) + "\n")
         for name, recipe in recipes.items():

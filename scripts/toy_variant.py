@@ -3,7 +3,7 @@
 Tuning helper for docs/toy_family.md: e.g.
 
     .venv/bin/python scripts/toy_variant.py /tmp/v1 --reuse-base /tmp/cand1 \
-        --set '{"expert_lr": {"add": 5e-4, "sub": 5e-4, "rev": 5e-4, "sort": 5e-4}, "expert_replay": 0.25}'
+        --set '{"expert_lr": {"rev": 5e-4, "sort": 5e-4, "up": 5e-4, "next": 5e-4}, "expert_replay": 0.25}'
 """
 
 from __future__ import annotations

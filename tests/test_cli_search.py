@@ -41,31 +41,31 @@ def space_file(tmp_path: Path, body: str, name: str = "space.yaml") -> Path:
 
 SLERP = """
 name: e2e_slerp
-models: [toy:add, toy:rev]
+models: [toy:up, toy:rev]
 method: slerp
 parameters:
   slerp:
     t: {points: 2}
 objective:
   tasks_dir: toy
-  tasks: [toy_add, toy_rev]
+  tasks: [toy_up, toy_rev]
 search: {trials: 16, seed: 0, limit: 48, top_k: 3}
 """
 
-# Task arithmetic over the four experts with one shared weight: the uniform baseline (0.5 each, i.e.
-# twice the average task vector) overshoots, and a weight near 0.3 is clearly better on rev + sort
-# (measured on select: ~0.77 at 0.5 vs ~0.87 at 0.35), so a small search must find it.
+# Task arithmetic over the four experts, one weight each, on the whole mixture: the baseline (0.5 each,
+# i.e. twice the average task vector) is far from the optimum (up/next experts near 1, rev/sort lower;
+# docs/toy_family.md), so even a small search must find a clearly better recipe.
 TASK_ARITHMETIC = """
 name: e2e
-models: [toy:add, toy:rev, toy:sub, toy:sort]
+models: [toy:up, toy:rev, toy:next, toy:sort]
 base_model: toy:base
 method: task_arithmetic
 parameters:
   task_arithmetic:
-    weight: {low: 0.0, high: 1.0, shared: true}
+    weight: {low: 0.0, high: 1.0}
 objective:
   tasks_dir: toy
-  tasks: [toy_rev, toy_sort]
+  tasks: [toy_up, toy_rev, toy_next, toy_sort]
 search: {trials: 10, seed: 0, limit: 48, top_k: 3, sampler: tpe}
 """
 
@@ -92,9 +92,9 @@ def test_search_beats_uniform_on_select(e2e):
     baseline = next(t.number for t in study.trials if t.user_attrs.get("role") == "baseline:task_arithmetic")
     winner = study.user_attrs["winner"]
     assert winner != baseline, "the search found nothing better than the uniform weights"
-    assert select[winner]["score"] > select[baseline]["score"] + 0.02
+    assert select[winner]["score"] > select[baseline]["score"] + 0.04  # measured: 0.761 vs 0.692
     report = (e2e["out"] / "report.md").read_text()
-    assert "parent:add" in report and "baseline:task_arithmetic" in report
+    assert "parent:up" in report and "baseline:task_arithmetic" in report
 
 
 @pytest.mark.slow
@@ -175,12 +175,12 @@ def test_planted_bad_candidate_fails_and_search_finishes(tmp_path):
     # density 0 is outside TIES's valid range (0, 1]: the engine refuses that candidate
     space = space_file(tmp_path, """
         name: planted
-        models: [toy:add, toy:rev]
+        models: [toy:up, toy:rev]
         base_model: toy:base
         method: ties
         parameters:
           ties: {density: {low: 0.1, high: 1.0}, weight: 0.5}
-        objective: {tasks_dir: toy, tasks: [toy_add, toy_rev]}
+        objective: {tasks_dir: toy, tasks: [toy_up, toy_rev]}
         search: {trials: 4, seed: 0, limit: 8, top_k: 1, sampler: random}
         """)
     from evomerge.search import run_search
@@ -192,7 +192,7 @@ def test_planted_bad_candidate_fails_and_search_finishes(tmp_path):
 
     out.mkdir()
     study, _ = create_study(s, default_storage(out))
-    study.enqueue_trial({"ties.density.add": 0.5, "ties.density.rev": 0.0})
+    study.enqueue_trial({"ties.density.up": 0.5, "ties.density.rev": 0.0})
     result = run_search(s, out, progress=False)
     fails = [t for t in result.study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(result.study.trials) == 4 and len(fails) == 1

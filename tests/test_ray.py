@@ -560,12 +560,13 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    add, rev = (toy_family.experts[s] for s in toy_family.skills[:2])
+    first, second = toy_family.skills[:2]
+    one, two = toy_family.experts[first], toy_family.experts[second]
     budget = 30  # large enough that Ctrl-C after 2 trials lands mid-run even on an idle machine
     space = tmp_path / "space.yaml"
     space.write_text(textwrap.dedent(f"""
         name: ray_cli
-        models: [{add}, {rev}]
+        models: [{one}, {two}]
         base_model: {toy_family.base}
         dtype: float32
         method: linear
@@ -574,7 +575,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
             weight: {{low: 0.0, high: 1.0}}
         objective:
           tasks_dir: {toy_family.tasks_dir}
-          tasks: [toy_add, toy_rev]
+          tasks: [toy_{first}, toy_{second}]
         search: {{trials: {budget}, seed: 0, top_k: 1, limit: 8}}
         """))
     out = tmp_path / "run"
