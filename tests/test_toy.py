@@ -4,6 +4,7 @@ and the documented scores (docs/toy_family.md, from evomerge/toydata/scores.json
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -159,8 +160,9 @@ def test_searched_recipe_beats_every_expert_and_naive_merge(fam):
     """The family's point (issue #3): a good recipe beats every expert and every naive merge on the
     report mixture by a clear margin, and it is not the uniform default. The recipe is the one
     `evomerge search search_spaces/toy_task_arithmetic.yaml --trials 60` found (examples/); it is
-    merged here with the real engine and scored through lm-eval, against the naive rows of scores.json
-    (each re-scored the same way by test_members_score_as_documented and scripts/toy_table.py)."""
+    merged here with the real engine and scored through lm-eval, against the members and naive merges
+    of scores.json (written by scripts/toy_table.py the same way; the members are re-checked by
+    test_members_score_as_documented)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,7 +178,6 @@ def test_searched_recipe_beats_every_expert_and_naive_merge(fam):
     weights = [m.parameters["weight"] for m in recipe.models]
     assert max(weights) - min(weights) > 0.3, "the optimum is expected away from uniform weights"
 
-    import os
     cwd = os.getcwd()
     os.chdir(repo)  # the example's model paths are relative to the repository root
     try:
