@@ -327,8 +327,9 @@ def engine_digest() -> str:
 
     h = hashlib.sha256()
     pkg = ROOT / "evomerge"
-    files = [pkg / f for f in ("cli.py", "merge.py", "checkpoints.py", "sinks.py", "recipe.py", "modelcard.py")]
-    for f in sorted([*(f for f in files if f.exists()), *pkg.glob("methods/*.py")]):
+    eng = pkg / "engine"
+    files = [pkg / "cli.py", *(eng / f for f in ("merge.py", "checkpoints.py", "sinks.py", "recipe.py", "modelcard.py"))]
+    for f in sorted([*(f for f in files if f.exists()), *eng.glob("methods/*.py")]):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -47,7 +47,7 @@ def require_loopback_namespace(script: str) -> None:
 
 def toy_family(path: str | None):
     """The family at `path`, else the shipped one, else a quick rebuild under .cache/."""
-    from evomerge import toy
+    from evomerge.toy import family as toy
 
     if path:
         return toy.load(path)
@@ -62,7 +62,7 @@ def toy_family(path: str | None):
 
 
 def worker_spec(fam, *, threads: int = 1, batch_size: int = 64):
-    from evomerge.worker import WorkerSpec
+    from evomerge.executors.worker import WorkerSpec
 
     sources = (str(fam.base),) + tuple(str(p) for p in fam.experts.values())
     return WorkerSpec(
@@ -99,13 +99,13 @@ def recipes(fam, n: int, seed: int = 0) -> list[dict]:
 
 
 class TimedWorker:
-    """`evomerge.worker.Worker` plus wall-clock start/end stamps in the outcome's timings, so idle gaps
+    """`evomerge.executors.worker.Worker` plus wall-clock start/end stamps in the outcome's timings, so idle gaps
     between trials on one actor can be measured, and the CPU share the process got during the trial
     (on a machine busy with other work, this shows how much CPU the workers could have). Defined here
     (pickled by value into the actors)."""
 
     def __init__(self, spec):
-        from evomerge.worker import Worker
+        from evomerge.executors.worker import Worker
 
         self.inner = Worker(spec)
 
@@ -186,7 +186,7 @@ def synthetic_family(fam, *, hidden: int, layers: int, experts: int = 2, seed: i
     Its scores are meaningless; it exists so that memory sizes are large enough to read."""
     import shutil
 
-    from evomerge.toy import ToyFamily
+    from evomerge.toy.family import ToyFamily
 
     root = ROOT / ".cache" / "bench" / f"ray-synthetic-h{hidden}-l{layers}-e{experts}"
     skills = tuple(fam.skills[:experts])

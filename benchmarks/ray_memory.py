@@ -53,7 +53,7 @@ def main() -> int:
     ray_common.require_loopback_namespace(__file__)
 
     from evomerge.executors.ray_pool import RayExecutor
-    from evomerge.worker import TrialJob
+    from evomerge.executors.worker import TrialJob
 
     from dataclasses import replace
 

@@ -129,7 +129,7 @@ def main() -> int:
 
     from evomerge.executors.local import InProcessExecutor
     from evomerge.executors.ray_pool import RayExecutor
-    from evomerge.worker import TrialJob
+    from evomerge.executors.worker import TrialJob
 
     ray.cloudpickle.register_pickle_by_value(ray_common)  # TimedWorker travels to the actors by value
     fam = ray_common.toy_family(args.family)

@@ -62,12 +62,12 @@ def main(argv=None) -> int:
 
 def _run(args, tmp: Path) -> dict:
     from evomerge.executors.local import InProcessExecutor
-    from evomerge.score import mixture
-    from evomerge.search import run_search, top_trials, worker_spec
-    from evomerge.space import load_space
-    from evomerge.study import grid_space
-    from evomerge.suggest import build_recipe
-    from evomerge.worker import TrialJob
+    from evomerge.search.score import mixture
+    from evomerge.search.loop import run_search, top_trials, worker_spec
+    from evomerge.search.space import load_space
+    from evomerge.search.study import grid_space
+    from evomerge.search.suggest import build_recipe
+    from evomerge.executors.worker import TrialJob
 
     if args.space:
         space = load_space(args.space)
@@ -116,7 +116,7 @@ def _run(args, tmp: Path) -> dict:
             print(f"[bench] {kind} seed {seed}: select {best:.4f}", file=sys.stderr)
     executor.close()
     med = {k: statistics.median(r["select"] for r in v) for k, v in runs.items()}
-    from evomerge.suggest import baseline_params
+    from evomerge.search.suggest import baseline_params
 
     baseline = select_score(baseline_params(space)[0][1])
     result = {

@@ -34,7 +34,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from evomerge.merge import merge_to_dir
+    from evomerge.engine.merge import merge_to_dir
 
     merge_to_dir(
         args.config,
@@ -49,7 +49,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from evomerge.merge import validate_config
+    from evomerge.engine.merge import validate_config
 
     summary = validate_config(args.config)
     print(summary)
@@ -72,14 +72,14 @@ def _add_toy(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_toy_path(args: argparse.Namespace) -> int:
-    from evomerge.toy import family
+    from evomerge.toy.family import family
 
     print(family().root)
     return 0
 
 
 def _run_toy_build(args: argparse.Namespace) -> int:
-    from evomerge.toy import build
+    from evomerge.toy.family import build
 
     fam = build(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
     print(fam.root)
@@ -115,7 +115,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from evomerge.search import run_search_cli
+    from evomerge.search.loop import run_search_cli
 
     return run_search_cli(args)
 

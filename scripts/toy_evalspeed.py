@@ -18,8 +18,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge import toy
-    from evomerge.evaluate import LMEvalEvaluator
+    from evomerge.toy import family as toy
+    from evomerge.evaluation.evaluate import LMEvalEvaluator
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=128)

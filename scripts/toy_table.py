@@ -3,7 +3,7 @@
 Scores each member (base, experts), the naive merges (uniform linear, slerp t=0.5, task arithmetic
 with unit weights, default TIES) and a small grid of tuned recipes. The grid is ranked on the
 `select` split (never on `report`); the winner and the naive rows are then scored once on `report`.
-Writes `evomerge/toydata/scores.json` (read by tests/test_toy.py), `examples/toy_*.yaml`, and prints
+Writes `evomerge/toy/data/scores.json` (read by tests/test_toy.py), `examples/toy_*.yaml`, and prints
 the markdown table for docs/toy_family.md.
 
     .venv/bin/python scripts/toy_table.py            # full: grid + table (several minutes)
@@ -143,8 +143,8 @@ class Bench:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evomerge.checkpoints import Sources
-        from evomerge.evaluate import LMEvalEvaluator
+        from evomerge.engine.checkpoints import Sources
+        from evomerge.evaluation.evaluate import LMEvalEvaluator
 
         torch.set_num_threads(1)
         self.fam = fam
@@ -164,9 +164,9 @@ class Bench:
                 v.copy_(src[k])
 
     def merge(self, recipe: dict) -> None:
-        from evomerge.merge import merge_into
-        from evomerge.recipe import MergeRecipe
-        from evomerge.sinks import ModelSink
+        from evomerge.engine.merge import merge_into
+        from evomerge.engine.recipe import MergeRecipe
+        from evomerge.engine.sinks import ModelSink
 
         merge_into(ModelSink(self.model), MergeRecipe.model_validate(recipe), self.sources)
 
@@ -199,7 +199,7 @@ def paired_delta(a: dict[str, list[float]], b: dict[str, list[float]], weights: 
 
 def external_recipe(path: str) -> dict:
     """A recipe YAML (e.g. a search's best.yaml), model paths rewritten relative to the repository."""
-    from evomerge.recipe import load_recipe
+    from evomerge.engine.recipe import load_recipe
 
     data = load_recipe(path).model_dump(exclude_none=True, by_alias=True)
     for entry in data.get("models") or []:
@@ -228,8 +228,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write scores.json and examples/toy_*.yaml")
     args = ap.parse_args()
 
-    from evomerge import toy
-    from evomerge.recipe import MergeRecipe
+    from evomerge.toy import family as toy
+    from evomerge.engine.recipe import MergeRecipe
 
     fam = toy.load(args.root) if args.root else toy.family()
     bench = Bench(fam)

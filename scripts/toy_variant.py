@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from evomerge import toy
+from evomerge.toy import family as toy
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.checkpoints import Sources, split_layer_name
+from evomerge.engine.checkpoints import Sources, split_layer_name
 from evomerge.errors import CheckpointError
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from evomerge import toy
+from evomerge.toy import family as toy
 from evomerge.errors import ConfigError
-from evomerge.evaluate import EvalResult, LMEvalEvaluator, subset
+from evomerge.evaluation.evaluate import EvalResult, LMEvalEvaluator, subset
 
 
 # One torch thread for these modules (see conftest.one_torch_thread).

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from evomerge.checkpoints import Sources
+from evomerge.engine.checkpoints import Sources
 from evomerge.errors import ConfigError
-from evomerge.merge import merge_into, merge_to_dir, plan, tensor_seed, validate_config
-from evomerge.recipe import MergeRecipe
-from evomerge.sinks import ModelSink, ShardedSafetensorsSink
+from evomerge.engine.merge import merge_into, merge_to_dir, plan, tensor_seed, validate_config
+from evomerge.engine.recipe import MergeRecipe
+from evomerge.engine.sinks import ModelSink, ShardedSafetensorsSink
 
 
 def recipe_for(text: str, **paths) -> MergeRecipe:
@@ -409,7 +409,7 @@ def test_required_parameter_missing_is_a_config_error_with_path(tiny_llama):
 
 
 def test_foreground_and_background_writers_agree(tmp_path):
-    from evomerge.sinks import TensorSpec
+    from evomerge.engine.sinks import TensorSpec
 
     tensors = {f"t{i}": torch.randn(30, 5 + i).to(torch.bfloat16) for i in range(5)}
     specs = [TensorSpec(k, tuple(v.shape), "bfloat16") for k, v in tensors.items()]
@@ -424,7 +424,7 @@ def test_foreground_and_background_writers_agree(tmp_path):
 
 
 def test_failed_merge_leaves_nothing_behind(tiny_llama, tmp_path, monkeypatch):
-    from evomerge import methods
+    from evomerge.engine import methods
 
     fam = tiny_llama()
     path = write(tmp_path, METHODS["ties"], base=fam.base, e0=fam.experts[0], e1=fam.experts[1])
@@ -445,7 +445,7 @@ def test_failed_merge_leaves_nothing_behind(tiny_llama, tmp_path, monkeypatch):
 
 def test_merges_run_with_a_fixed_thread_count(tiny_llama, monkeypatch):
     """torch reductions depend on the thread count, so every merge pins it (search == export)."""
-    from evomerge import methods
+    from evomerge.engine import methods
 
     fam = tiny_llama()
     recipe = recipe_for(SLERP, base=fam.base, other=fam.experts[0])
@@ -468,7 +468,7 @@ def test_merges_run_with_a_fixed_thread_count(tiny_llama, monkeypatch):
         merge_into(_DictSink(), recipe, sources)
         assert set(seen) == {3}
         seen.clear()
-        from evomerge.merge import execute  # helper threads (workers=2) see the same setting
+        from evomerge.engine.merge import execute  # helper threads (workers=2) see the same setting
 
         execute(plan(recipe, sources), _DictSink(), sources, workers=2)
         assert set(seen) == {3}
@@ -478,7 +478,7 @@ def test_merges_run_with_a_fixed_thread_count(tiny_llama, monkeypatch):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
 def test_parallel_workers_give_identical_tensors(tiny_llama, method):
-    from evomerge.merge import execute
+    from evomerge.engine.merge import execute
 
     fam = tiny_llama(dtype="bfloat16")
     recipe = recipe_for(METHODS[method], base=fam.base, e0=fam.experts[0], e1=fam.experts[1])

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge import merge_to_dir
+from evomerge.engine.merge import merge_to_dir
 
 pytestmark = pytest.mark.mergekit
 
@@ -286,7 +286,7 @@ def test_mergekit_reads_our_written_yaml_with_random_seed(crosscheck):
     """Our recipe extension (`random_seed`) does not stop mergekit from parsing the recipe."""
     from mergekit.config import MergeConfiguration
 
-    from evomerge.recipe import MergeRecipe
+    from evomerge.engine.recipe import MergeRecipe
 
     r = MergeRecipe.from_yaml(CASES["dare_ties_density1"].format(base="a", e0="b", e1="c"))
     cfg = MergeConfiguration.model_validate(yaml.safe_load(r.to_yaml(comments=["evomerge trial 3"])))
@@ -298,7 +298,7 @@ def test_resolution_rules_match_mergekit_evaluate_setting():
     from mergekit.config import ConditionalParameter as MkCond
     from mergekit.config import evaluate_setting as mk_eval
 
-    from evomerge.recipe import ConditionalParameter, evaluate_setting
+    from evomerge.engine.recipe import ConditionalParameter, evaluate_setting
 
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight", "model.norm.weight"]
     settings = [0.3, [0.0, 1.0], [0.2, 0.9, 0.4], [1, 0.7, 0.1, 0.5, 0.2], [0.5], [True, False, True]]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge import methods
+from evomerge.engine import methods
 from evomerge.errors import CheckpointError, ConfigError
-from evomerge.methods.base import (
+from evomerge.engine.methods.base import (
     bernoulli_drop,
     magnitude_keep_mask,
     magnitude_trim,
@@ -658,7 +658,7 @@ def test_slerp_matches_mergekit_bit_for_bit(dtype, t):
 def test_slerp_matches_mergekit_function_on_chunked_and_colinear_tensors():
     from mergekit.merge_methods.slerp import slerp as mk_slerp
 
-    from evomerge.methods.slerp import slerp
+    from evomerge.engine.methods.slerp import slerp
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(1200, 1000, generator=g)  # > 2**20 elements: two chunks
@@ -762,7 +762,7 @@ def test_fast_selection_keeps_k_largest_lowest_index_first_on_ties(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_histogram_cut_equals_kthvalue(dtype):
-    from evomerge.methods.base import _cut
+    from evomerge.engine.methods.base import _cut
 
     g = torch.Generator().manual_seed(9)
     delta = torch.randn(3000, generator=g).to(dtype) * 3
@@ -785,7 +785,7 @@ def test_zero_cut_is_unambiguous():
 
 
 def test_ties_fast_mode_equals_exact_mode_without_ties():
-    from evomerge.methods.ties import Ties
+    from evomerge.engine.methods.ties import Ties
 
     xs, _ = _random_family(torch.float64, n=3, seed=4)
     tensors = dict(zip(["b", "m1", "m2"], xs))

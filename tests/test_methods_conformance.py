@@ -15,9 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from evomerge import methods
+from evomerge.engine import methods
 from evomerge.errors import ConfigError
-from evomerge.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.base import MergeMethod, Tunable
 
 ALL = methods.names()
 
@@ -53,7 +53,7 @@ def method(request):
 
 
 def test_registry_import_does_not_import_torch():
-    code = "import sys, evomerge.methods as m; m.get('ties').tunables; print('torch' in sys.modules)"
+    code = "import sys, evomerge.engine.methods as m; m.get('ties').tunables; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

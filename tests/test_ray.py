@@ -7,7 +7,7 @@ Why these tests look the way they do:
   because that namespace has its own PID space (outside it, `ray stop` kills everyone's Ray).
 - The cluster is plain Ray started the way users start it: `ray start --head` plus a second
   `ray start --address=...` node, one CPU each, so two workers land on two different nodes.
-- Most tests use `FakeWorker`, a stand-in with the same contract as `evomerge.worker.Worker`
+- Most tests use `FakeWorker`, a stand-in with the same contract as `evomerge.executors.worker.Worker`
   (constructor takes the spec, `run(job) -> TrialOutcome`), so faults are cheap to provoke and check.
   The real `Worker` on the toy family is covered by the tests at the end.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.worker import TrialJob, TrialOutcome, WorkerSpec
+from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
 
 pytestmark = pytest.mark.ray
 
@@ -102,7 +102,7 @@ def test_death_reasons_name_out_of_memory():
 
 # --- a stand-in worker --------------------------------------------------------------------------------
 class FakeWorker:
-    """Same contract as `evomerge.worker.Worker`, no model: the recipe says what to do.
+    """Same contract as `evomerge.executors.worker.Worker`, no model: the recipe says what to do.
 
     recipe keys: value (metric = 2 * value), sleep (seconds), raise (message), exit (os._exit code).
     Writes `<marker_dir>/<number>.started` with its pid when a trial starts, so a test can kill it then.
@@ -363,7 +363,7 @@ def test_slot_retired_when_workers_keep_dying(cluster):
 DRIVER = textwrap.dedent(
     """
     import json, os, socket, sys, time
-    from evomerge.worker import TrialJob, TrialOutcome, WorkerSpec
+    from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
     from evomerge.executors.ray_pool import RayExecutor
 
     class Sleeper:
@@ -464,7 +464,7 @@ class FingerprintEvaluator:
     def __init__(self, spec: WorkerSpec):
         from transformers import AutoTokenizer
 
-        from evomerge.evaluate import LMEvalEvaluator
+        from evomerge.evaluation.evaluate import LMEvalEvaluator
 
         tok = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
         self.inner = LMEvalEvaluator(tok, list(spec.tasks), spec.include_path, batch_size=spec.batch_size)
@@ -488,7 +488,7 @@ def fingerprint_evaluator(spec: WorkerSpec) -> FingerprintEvaluator:
 @pytest.fixture(scope="module")
 def toy_family():
     """The toy family shipped inside the package."""
-    from evomerge import toy
+    from evomerge.toy import family as toy
 
     return toy.family()
 

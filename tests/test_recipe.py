@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.recipe import (
+from evomerge.engine.recipe import (
     ConditionalParameter,
     MergeRecipe,
     evaluate_setting,

@@ -9,9 +9,9 @@ import io
 import pytest
 import yaml
 
-from evomerge.recipe import MergeRecipe
-from evomerge.report import atomic_write, source_hashes, winner_curves
-from evomerge.search import run_search
+from evomerge.engine.recipe import MergeRecipe
+from evomerge.search.report import atomic_write, source_hashes, winner_curves
+from evomerge.search.loop import run_search
 from test_search import FakeExecutor, make_space
 
 

@@ -15,10 +15,10 @@ import optuna
 import pytest
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search import run_search
-from evomerge.space import load_space
-from evomerge.study import INTERRUPTED, create_study, default_storage
-from evomerge.worker import TrialOutcome
+from evomerge.search.loop import run_search
+from evomerge.search.space import load_space
+from evomerge.search.study import INTERRUPTED, create_study, default_storage
+from evomerge.executors.worker import TrialOutcome
 from test_space import make_models
 
 
@@ -145,7 +145,7 @@ def test_search_runs_budget_and_writes_run_folder(tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     best = (tmp_path / "run" / "best.yaml").read_text()
     assert f"trial: {result.winner.trial}" in best and "sha256" in best
-    from evomerge.recipe import MergeRecipe
+    from evomerge.engine.recipe import MergeRecipe
 
     assert MergeRecipe.from_yaml(best) == result.winner.recipe
     assert ex.closed is False  # an injected executor belongs to the caller

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.space import baseline_value, load_space
+from evomerge.search.space import baseline_value, load_space
 
 
 def make_models(root: Path, names=("base", "add", "rev"), layers: int = 4) -> None:

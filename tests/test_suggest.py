@@ -10,9 +10,9 @@ import optuna
 import pytest
 import yaml
 
-from evomerge.recipe import MergeRecipe
-from evomerge.space import load_space
-from evomerge.suggest import baseline_params, build_recipe, suggest_params
+from evomerge.engine.recipe import MergeRecipe
+from evomerge.search.space import load_space
+from evomerge.search.suggest import baseline_params, build_recipe, suggest_params
 from test_space import make_models
 
 

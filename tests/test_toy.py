@@ -1,5 +1,5 @@
 """The embedded toy family: shipped layout, manifest hashes, disjoint splits, deterministic builds,
-and the documented scores (docs/toy_family.md, from evomerge/toydata/scores.json)."""
+and the documented scores (docs/toy_family.md, from evomerge/toy/data/scores.json)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from evomerge import toy
+from evomerge.toy import family as toy
 from evomerge.errors import CheckpointError, ConfigError, OutputError
-from evomerge.toyskills import SKILLS, normalize
+from evomerge.toy.skills import SKILLS, normalize
 
 
 # One torch thread for these modules (see conftest.one_torch_thread).
@@ -61,7 +61,7 @@ def test_splits_are_disjoint_by_normalized_text(fam):
 def test_tokenizer_loads_and_matches_training_encoding(fam):
     from transformers import AutoTokenizer
 
-    from evomerge import training
+    from evomerge.toy import training
 
     tok = AutoTokenizer.from_pretrained(fam.tokenizer)
     for text in ["123+45=168\n", "rev abc=cba\n", "kv a3x7m1:x=7\n", "sort dcba=abcd\n"]:
@@ -98,7 +98,7 @@ def test_plan_mistakes_fail_before_training(tmp_path):
 
 
 def test_replay_targets_relabel_only_the_other_skills():
-    from evomerge import training
+    from evomerge.toy import training
 
     batch = [("rev", "rev abc=", "cba"), ("sort", "sort cba=", "abc"), ("up:easy", "up ab=", "AB"),
              ("rev", "rev xy=", "yx")]
@@ -135,7 +135,7 @@ def test_members_score_as_documented(fam):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import LMEvalEvaluator
+    from evomerge.evaluation.evaluate import LMEvalEvaluator
 
     scores = json.loads((fam.root / "scores.json").read_text())["rows"]
     tok = AutoTokenizer.from_pretrained(fam.tokenizer)
@@ -166,11 +166,11 @@ def test_searched_recipe_beats_every_expert_and_naive_merge(fam):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.checkpoints import Sources
-    from evomerge.evaluate import LMEvalEvaluator
-    from evomerge.merge import merge_into
-    from evomerge.recipe import load_recipe
-    from evomerge.sinks import ModelSink
+    from evomerge.engine.checkpoints import Sources
+    from evomerge.evaluation.evaluate import LMEvalEvaluator
+    from evomerge.engine.merge import merge_into
+    from evomerge.engine.recipe import load_recipe
+    from evomerge.engine.sinks import ModelSink
 
     repo = Path(__file__).resolve().parents[1]
     scores = json.loads((fam.root / "scores.json").read_text())

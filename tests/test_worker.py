@@ -10,9 +10,9 @@ import pickle
 
 import pytest
 
-from evomerge.evaluate import EvalResult
+from evomerge.evaluation.evaluate import EvalResult
 from evomerge.executors import Executor, make_executor
-from evomerge.worker import TrialJob, Worker, WorkerSpec
+from evomerge.executors.worker import TrialJob, Worker, WorkerSpec
 
 
 class NormEvaluator:

@@ -1,6 +1,14 @@
-"""How trial jobs run: the `Executor` protocol and `make_executor(...)`, which picks one.
+"""Where trials run: the `Executor` protocol and `make_executor(...)`, which picks one.
 
-Why a protocol: the search loop (`search.py`) does asynchronous ask/tell and must not care whether a
+What it holds: `worker.py` (`Worker`, a plain class holding the sources and a resident model; merges a
+recipe into it and scores it; imports no Ray), `local.py` (in this process) and `ray_pool.py` (Ray
+actors wrapping `Worker`). Ray is imported in `ray_pool.py` and nowhere else.
+
+What it may import: `evomerge.errors`, `engine`, `evaluation` and `moe`; nothing from `search` or
+`toy` (tests/test_architecture.py). Public API: `make_executor`, `Executor`, and
+`from evomerge.executors.worker import Worker, WorkerSpec, TrialJob, TrialOutcome`.
+
+Why a protocol: the search loop (`search/loop.py`) does asynchronous ask/tell and must not care whether a
 candidate is merged and scored in this process or on a Ray actor on another node. It only needs to
 know how many jobs may be in flight (`slots`), to `submit` one, to `wait` for finished ones, and to
 `close`. Executors never raise for a failed trial: a failure is a `TrialOutcome` with `error` set.
@@ -18,7 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from evomerge.worker import TrialJob, TrialOutcome, WorkerSpec
+    from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from evomerge.worker import TrialJob, TrialOutcome, Worker, WorkerSpec
+from evomerge.executors.worker import TrialJob, TrialOutcome, Worker, WorkerSpec
 
 
 class InProcessExecutor:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.worker import TrialJob, TrialOutcome, Worker, WorkerSpec
+from evomerge.executors.worker import TrialJob, TrialOutcome, Worker, WorkerSpec
 
 # Environment variables the driver passes on to actors (a `ray start`ed node has its own environment).
 _FORWARDED_ENV = (

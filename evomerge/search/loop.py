@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.errors import ConfigError, EvomergeError, OutputError
-from evomerge.space import SearchSpace
-from evomerge.worker import TrialJob, TrialOutcome, WorkerSpec
+from evomerge.search.space import SearchSpace
+from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
 
 SELECT_ATTR = "select_scores"  # study user attr: {trial number: {"score": float, "tasks": {...}}}
 REPORT_ATTR = "report_scores"  # study user attr: {label: {"score": float, "tasks": {...}, "trial": n}}
@@ -131,9 +131,9 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     """Run trials until the budget (finished trials in storage) is reached. Returns counters."""
     from optuna.trial import TrialState
 
-    from evomerge.score import ScoreError, score
-    from evomerge.study import FAIL_REASON, INTERRUPTED, finished_count, grid_size
-    from evomerge.suggest import build_recipe, suggest_params
+    from evomerge.search.score import ScoreError, score
+    from evomerge.search.study import FAIL_REASON, INTERRUPTED, finished_count, grid_size
+    from evomerge.search.suggest import build_recipe, suggest_params
 
     budget = space.budget
     split = space.objective.splits.search
@@ -253,7 +253,7 @@ def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stat
             return True, None
         executor.submit(TrialJob(trial.number, recipe, split, budget.limit, budget.seed, tag="full"))
         return False, None
-    from evomerge.score import task_values
+    from evomerge.search.score import task_values
 
     trial.set_user_attr("tasks", task_values(outcome.metrics, space.objective, split))
     study.tell(trial, list(values) if len(values) > 1 else values[0])
@@ -295,7 +295,7 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
                       key: Callable[[Candidate], str], log: Callable) -> None:
     """Score candidates (not already in `cache`) on `split`, full split, through the executor."""
-    from evomerge.score import ScoreError, mixture, task_values
+    from evomerge.search.score import ScoreError, mixture, task_values
 
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
@@ -330,8 +330,8 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     the parents and the baselines on `report`. Cached in study user attributes."""
     from optuna.trial import TrialState
 
-    from evomerge.study import ROLE
-    from evomerge.suggest import build_recipe, parent_recipes
+    from evomerge.search.study import ROLE
+    from evomerge.search.suggest import build_recipe, parent_recipes
 
     splits = space.objective.splits
     top = top_trials(study, space, space.budget.top_k)
@@ -382,7 +382,7 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
 def _search_mixture(trial, space: SearchSpace) -> float | None:
     if not space.objective.multi_objective:
         return trial.value
-    from evomerge.score import combine
+    from evomerge.search.score import combine
 
     tasks = trial.user_attrs.get("tasks")
     return combine(tasks, space.objective) if tasks else None
@@ -408,9 +408,9 @@ def run_search(
     """Search (or resume) to the budget, select, report, and write the run folder.
 
     `executor` may be given (tests, embedding); otherwise one is made from workers/ray_address.
-    `evaluator` is a "module:callable" plugged into the worker instead of lm-eval (see worker.py).
+    `evaluator` is a "module:callable" plugged into the worker instead of lm-eval (see executors/worker.py).
     """
-    from evomerge.study import create_study, default_storage
+    from evomerge.search.study import create_study, default_storage
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -440,7 +440,7 @@ def run_search(
             executor.close()
     result = SearchResult(study, space, out, winner, cands, time.perf_counter() - t0, info)
     if write:
-        from evomerge.report import write_run
+        from evomerge.search.report import write_run
 
         write_run(result, storage=storage)
     return result
@@ -448,9 +448,9 @@ def run_search(
 
 def _preflight(space: SearchSpace) -> None:
     """Cheap checks before any worker starts: sources agree, every method's baseline plans."""
-    from evomerge.checkpoints import Sources
-    from evomerge.merge import plan
-    from evomerge.suggest import baseline_params, build_recipe
+    from evomerge.engine.checkpoints import Sources
+    from evomerge.engine.merge import plan
+    from evomerge.search.suggest import baseline_params, build_recipe
 
     paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
     sources = Sources.open(list(dict.fromkeys(paths)))
@@ -464,7 +464,7 @@ def _preflight(space: SearchSpace) -> None:
 
 def run_search_cli(args) -> int:
     """`evomerge search SPACE [flags]`: load, apply flag overrides, run, print the summary."""
-    from evomerge.space import load_space
+    from evomerge.search.space import load_space
 
     space = load_space(args.space)
     space = space.with_overrides(
@@ -489,7 +489,7 @@ def run_search_cli(args) -> int:
         evaluator=getattr(args, "evaluator", None),
         progress=not args.no_progress,
     )
-    from evomerge.report import summary
+    from evomerge.search.report import summary
 
     print(summary(result))
     return 0

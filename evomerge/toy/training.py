@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from evomerge.toyskills import drawer, line, normalize
+from evomerge.toy.skills import drawer, line, normalize
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

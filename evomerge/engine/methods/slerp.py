@@ -16,7 +16,7 @@ linearly.
 
 from __future__ import annotations
 
-from evomerge.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.base import MergeMethod, Tunable
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8

@@ -16,9 +16,9 @@ from pathlib import Path
 import optuna
 
 from evomerge.errors import ConfigError
-from evomerge.score import directions
-from evomerge.space import SearchSpace
-from evomerge.suggest import baseline_params
+from evomerge.search.score import directions
+from evomerge.search.space import SearchSpace
+from evomerge.search.suggest import baseline_params
 
 STUDY_NAME = "evomerge"
 FAIL_REASON = "fail_reason"  # trial user attribute holding why a trial failed

@@ -99,7 +99,7 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
             lines.append(f"score on {split}: {_fmt(s.get('score'))} ({tasks})")
     lines.append("sources (sha256 of config.json + *.safetensors):")
     lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
-    from evomerge.merge import merge_threads
+    from evomerge.engine.merge import merge_threads
 
     threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
     lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")
@@ -219,7 +219,7 @@ def winner_curves(recipe, num_layers: int) -> dict[str, list[float]]:
     """Per-layer values of every searched number in the winner: {"t (self_attn)": [...], ...}.
 
     Evaluated with the recipe module's own gradient/filter rules, at sample tensor names per filter."""
-    from evomerge.recipe import ConditionalParameter, evaluate_setting, layer_t
+    from evomerge.engine.recipe import ConditionalParameter, evaluate_setting, layer_t
 
     def groups(setting) -> list[str | None]:
         items = setting if isinstance(setting, list) else [setting]

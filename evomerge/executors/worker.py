@@ -37,7 +37,7 @@ class WorkerSpec:
     threads: torch intra-op threads for this process (None: leave torch's default).
     evaluator: optional "module:callable" import path; the callable takes this spec and returns an
       object with `evaluate(model, split, *, limit=None, seed=0) -> EvalResult`. None means
-      `evomerge.evaluate.LMEvalEvaluator`. Lets users (and tests) plug in their own scorer.
+      `evomerge.evaluation.evaluate.LMEvalEvaluator`. Lets users (and tests) plug in their own scorer.
     """
 
     sources: tuple[str, ...]
@@ -127,7 +127,7 @@ class Worker:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from evomerge.checkpoints import Sources
+        from evomerge.engine.checkpoints import Sources
 
         spec = self.spec
         if spec.threads:
@@ -143,7 +143,7 @@ class Worker:
         else:
             from transformers import AutoTokenizer
 
-            from evomerge.evaluate import LMEvalEvaluator
+            from evomerge.evaluation.evaluate import LMEvalEvaluator
 
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
             self.evaluator = LMEvalEvaluator(
@@ -158,9 +158,9 @@ class Worker:
 
     def merge(self, recipe_dict: dict) -> None:
         """Write the recipe's merged tensors into the resident model (no disk)."""
-        from evomerge.merge import merge_into
-        from evomerge.recipe import MergeRecipe
-        from evomerge.sinks import ModelSink
+        from evomerge.engine.merge import merge_into
+        from evomerge.engine.recipe import MergeRecipe
+        from evomerge.engine.sinks import ModelSink
 
         recipe = MergeRecipe.model_validate(recipe_dict)
         merge_into(ModelSink(self.model), recipe, self.sources)

@@ -2,8 +2,8 @@
 
 `plan(recipe, sources)` does every check and resolves, for each output tensor, which source tensors
 feed it and the parameter values that apply to it (gradients and filters resolved exactly as mergekit
-0.1.5 does; see evomerge.recipe). `merge_into(sink, recipe, sources)` executes a plan, one tensor at a
-time, into any sink (evomerge.sinks): the resident model during a search, or safetensors shards for
+0.1.5 does; see evomerge.engine.recipe). `merge_into(sink, recipe, sources)` executes a plan, one tensor at a
+time, into any sink (evomerge.engine.sinks): the resident model during a search, or safetensors shards for
 `evomerge merge` (`merge_to_dir`). The same code computes both, so they agree bit for bit.
 
 How mergekit 0.1.5 lays out a merge, and so how we do:
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import CheckpointError, ConfigError, OutputError
-from evomerge.recipe import (
+from evomerge.engine.recipe import (
     MergeRecipe,
     layer_t,
     load_recipe,
@@ -50,11 +50,12 @@ from evomerge.recipe import (
     setting_scalars,
     to_float,
 )
-from evomerge.sinks import TensorSpec
+from evomerge.engine.modelcard import CardFacts, SourceFacts, render_card
+from evomerge.engine.sinks import ITEM_SIZE, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from evomerge.checkpoints import Sources
-    from evomerge.methods import MergeMethod
+    from evomerge.engine.checkpoints import Sources
+    from evomerge.engine.methods import MergeMethod
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = (
@@ -135,7 +136,7 @@ class _Slot:
 # --- static checks (no sources) ---------------------------------------------------------------------
 def check_recipe(recipe: MergeRecipe) -> "MergeMethod":
     """Method, parameter names and values, model counts and base rules; returns the method."""
-    from evomerge import methods
+    from evomerge.engine import methods
 
     method = methods.get(recipe.merge_method)
     for block, name, setting, per_model in recipe.iter_parameter_settings():
@@ -274,7 +275,7 @@ def _structure(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources"):
                 for n in sources.checkpoint(m).non_layer:
                     if n not in ordered and _is_pre(n) == pre:
                         ordered.append(n)
-        from evomerge.checkpoints import TIED_FALLBACK
+        from evomerge.engine.checkpoints import TIED_FALLBACK
 
         for name in ordered:
             present = [m for m in models if sources.has(m, name)]
@@ -534,7 +535,7 @@ def merge_into(sink: Any, recipe: MergeRecipe, sources: "Sources", *, progress: 
 
 # --- the CLI's merge and validate -------------------------------------------------------------------------
 def _open_for(recipe: MergeRecipe, device: str = "cpu", reads: str = "mmap") -> "Sources":
-    from evomerge.checkpoints import Sources
+    from evomerge.engine.checkpoints import Sources
 
     where = recipe.model_fields_paths()
     models = {m: where[m] for m in recipe.referenced_models()}
@@ -542,7 +543,7 @@ def _open_for(recipe: MergeRecipe, device: str = "cpu", reads: str = "mmap") -> 
 
 
 def _tokenizer_dir(recipe: MergeRecipe, p: MergePlan, sources: "Sources") -> Path:
-    from evomerge.checkpoints import resolve_model_path
+    from evomerge.engine.checkpoints import resolve_model_path
 
     ts = recipe.tokenizer_source
     if ts is None:
@@ -558,7 +559,7 @@ def _tokenizer_dir(recipe: MergeRecipe, p: MergePlan, sources: "Sources") -> Pat
 
 
 def _check_tokenizer(tok_dir: Path, p: MergePlan, sources: "Sources", where: str) -> int | None:
-    from evomerge.checkpoints import _tokenizer_vocab_size
+    from evomerge.engine.checkpoints import _tokenizer_vocab_size
 
     n = _tokenizer_vocab_size(tok_dir)
     if n is None:
@@ -611,7 +612,7 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
                  shard_size: int | str = "5GB", device: str = "cpu", progress: bool = True,
                  threads: int | None = None) -> Path:
     """`evomerge merge`: merge the recipe at `config_path` into the folder `out` (HF layout)."""
-    from evomerge.sinks import ShardedSafetensorsSink, parse_size
+    from evomerge.engine.sinks import ShardedSafetensorsSink, parse_size
 
     out = Path(out)
     if threads is not None and threads < 1:
@@ -657,9 +658,8 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
         (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
-        from evomerge.modelcard import render_card
-
-        (tmp / "README.md").write_text(render_card(recipe, recipe_text, p, sources, out.name), encoding="utf-8")
+        (tmp / "README.md").write_text(render_card(card_facts(recipe, recipe_text, p, sources, out.name)),
+                                       encoding="utf-8")
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -667,6 +667,24 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
     finally:
         sources.close()
     return out
+
+
+def card_facts(recipe: MergeRecipe, recipe_text: str, p: MergePlan, sources: "Sources", name: str) -> CardFacts:
+    """What the model card says about this merge, as plain data."""
+    def nbytes(shape, dtype: str) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n * ITEM_SIZE.get(dtype, 4)
+
+    listed = []
+    for m in recipe.referenced_models():
+        ck = sources.checkpoint(m)
+        listed.append(SourceFacts(model=m, is_base=m == recipe.base_model, n_tensors=len(ck.tensors),
+                                  nbytes=sum(nbytes(i.shape, i.dtype) for i in ck.tensors.values())))
+    return CardFacts(name=name, method=recipe.merge_method, reference_url=p.method.reference_url,
+                     base_model=recipe.base_model, recipe_text=recipe_text, sources=tuple(listed),
+                     n_tensors=len(p.tasks), num_layers=p.num_layers, nbytes=p.nbytes, donor=p.donor)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -9,7 +9,7 @@ which mergekit rejects too).
 
 from __future__ import annotations
 
-from evomerge.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.base import MergeMethod, Tunable
 
 
 class Passthrough(MergeMethod):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from evomerge.space import Objective
+from evomerge.search.space import Objective
 
 
 class ScoreError(ValueError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge.space import REST, ParamSpec, SearchSpace, baseline_value
+from evomerge.search.space import REST, ParamSpec, SearchSpace, baseline_value
 
 Params = dict[str, Any]  # flat: optuna parameter name -> float | bool | str
 
@@ -63,8 +63,8 @@ def _setting(space: SearchSpace, method: str, spec: ParamSpec, owner: str | None
 
 def build_recipe(space: SearchSpace, params: Params):
     """Params -> MergeRecipe (pure: the same inputs always give the same recipe)."""
-    from evomerge.recipe import MergeRecipe
-    from evomerge import methods as registry
+    from evomerge.engine.recipe import MergeRecipe
+    from evomerge.engine import methods as registry
 
     method = method_of(space, params)
     impl = registry.get(method)
@@ -111,7 +111,7 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, Params]]:
 
 def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
     """(label, recipe) that reproduce each source model unchanged (linear, weight 1), for the report."""
-    from evomerge.recipe import MergeRecipe
+    from evomerge.engine.recipe import MergeRecipe
 
     parents = list(space.models)
     if space.base is not None and space.base.path not in {m.path for m in parents}:

@@ -13,8 +13,8 @@ several equal-magnitude entries survive.
 
 from __future__ import annotations
 
-from evomerge.methods.base import magnitude_trim
-from evomerge.methods.task_arithmetic import (
+from evomerge.engine.methods.base import magnitude_trim
+from evomerge.engine.methods.task_arithmetic import (
     TaskArithmetic,
     density_tunable,
     int8_mask_tunable,

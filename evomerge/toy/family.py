@@ -2,7 +2,7 @@
 
 Nothing in this project may download weights or data sets, yet the first command a newcomer runs must
 be a real search. So the package ships a tiny family of trained Llama models (see `docs/toy_family.md`)
-inside `evomerge/toydata/`, with one lm-eval task per skill and three instance-disjoint splits
+inside `evomerge/toy/data/`, with one lm-eval task per skill and three instance-disjoint splits
 (`search`, `select`, `report`). `family()` locates the shipped copy; `build()` rebuilds it
 deterministically (same seed, same bytes) and `build(quick=True)` makes a reduced one in seconds.
 
@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Callable
 
 from evomerge.errors import CheckpointError, ConfigError, OutputError
-from evomerge.toyskills import SKILLS, normalize
+from evomerge.toy.skills import SKILLS, normalize
 
 SPLITS = ("search", "select", "report")
 MANIFEST = "manifest.json"
-SHIPPED = Path(__file__).resolve().parent / "toydata"
+SHIPPED = Path(__file__).resolve().parent / "data"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class BuildPlan:
     """Everything `build` varies: the skills, model shape, base and expert schedules, split sizes,
     mixture."""
 
-    skills: tuple[str, ...]  # one expert and one task per skill (toyskills.SKILLS names)
+    skills: tuple[str, ...]  # one expert and one task per skill (skills.SKILLS names)
     hidden: int
     intermediate: int
     layers: int
@@ -273,7 +273,7 @@ def _layer_filter(layers: list[int] | None) -> Callable[[str], bool] | None:
 
 
 _BASE_FIELDS = ("skills", "hidden", "intermediate", "layers", "heads", "base_steps", "base_lr", "base_corpus",
-                "batch", "split_sizes")  # and the skills' generators (toyskills) must not have changed
+                "batch", "split_sizes")  # and the skills' generators (toy/skills.py) must not have changed
 
 
 def _check_reusable(root: Path, plan: BuildPlan, seed: int) -> None:
@@ -331,7 +331,7 @@ def build(
     """
     import torch
 
-    from evomerge import training
+    from evomerge.toy import training
 
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import difflib
 
 from evomerge.errors import ConfigError
-from evomerge.methods.base import MergeMethod, Tunable
-from evomerge.methods.dare import DareLinear, DareTies
-from evomerge.methods.linear import Linear
-from evomerge.methods.passthrough import Passthrough
-from evomerge.methods.slerp import Slerp
-from evomerge.methods.task_arithmetic import TaskArithmetic
-from evomerge.methods.ties import Ties
+from evomerge.engine.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.dare import DareLinear, DareTies
+from evomerge.engine.methods.linear import Linear
+from evomerge.engine.methods.passthrough import Passthrough
+from evomerge.engine.methods.slerp import Slerp
+from evomerge.engine.methods.task_arithmetic import TaskArithmetic
+from evomerge.engine.methods.ties import Ties
 
 _REGISTRY: dict[str, MergeMethod] = {
     m.name: m

@@ -3,7 +3,7 @@
 Why it exists: a `space.yaml` is the user's whole description of a search. This module reads it
 (`yaml.safe_load`, pydantic with `extra="forbid"`, errors with field paths), resolves model paths and
 the objective's task folder, checks every tunable against the merge method's own declaration
-(`evomerge.methods`: bounds and defaults are read from there, never repeated here), and produces a
+(`evomerge.engine.methods`: bounds and defaults are read from there, never repeated here), and produces a
 frozen `SearchSpace`. It also OWNS THE PARAMETER NAMES: `SearchSpace.dimensions(method)` lists the
 searched dimensions with their Optuna names; `suggest.py` turns them into `trial.suggest_*` calls and
 `build_recipe` (in `suggest.py`) turns the values back into a mergekit recipe.
@@ -180,7 +180,7 @@ class SearchSpace(_Strict):
 
     def tuned_models(self, method: str) -> tuple[ModelRef, ...]:
         """The models that take per-model values under `method` (not the base of a task-vector method)."""
-        from evomerge import methods as registry
+        from evomerge.engine import methods as registry
 
         impl = registry.get(method)
         base, inputs = self.roles(method)
@@ -360,7 +360,7 @@ def space_from_dict(
         raise ConfigError("no merge method given", where=f"{source}: method",
                           fix="write method: slerp, or a list such as [linear, slerp, ties]")
     _check_unique(method_names, f"{source}: method", "methods", "list each method once")
-    from evomerge import methods as registry
+    from evomerge.engine import methods as registry
 
     for i, mname in enumerate(method_names):
         try:
@@ -457,7 +457,7 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
       (ties, dare, task_arithmetic); for a method with a fixed small input count (slerp: two) the
       first listed model is the base (slerp's t = 0 end) and the next ones fill the other inputs.
     """
-    from evomerge import methods as registry
+    from evomerge.engine import methods as registry
 
     impl = registry.get(method)
     models = space.models
@@ -474,7 +474,7 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
 
 
 def _method_space(name: str, given: dict, partial: SearchSpace, where: str, pwhere: str) -> MethodSpace:
-    from evomerge import methods as registry
+    from evomerge.engine import methods as registry
 
     try:
         impl = registry.get(name)
@@ -580,7 +580,7 @@ def _param_spec(tunable, value: Any, where: str) -> ParamSpec:
 
 # --- helpers -------------------------------------------------------------------------------------
 def _toy_family():
-    from evomerge.toy import family
+    from evomerge.toy.family import family
 
     return family()
 

@@ -19,8 +19,8 @@ order tensors are merged in. With generator=None torch's global RNG is used, as 
 
 from __future__ import annotations
 
-from evomerge.methods.base import bernoulli_drop
-from evomerge.methods.task_arithmetic import (
+from evomerge.engine.methods.base import bernoulli_drop
+from evomerge.engine.methods.task_arithmetic import (
     TaskArithmetic,
     density_tunable,
     int8_mask_tunable,

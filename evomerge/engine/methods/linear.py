@@ -14,7 +14,7 @@ A base model has no special role. With normalize, weights summing to zero are a 
 from __future__ import annotations
 
 from evomerge.errors import ConfigError
-from evomerge.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.base import MergeMethod, Tunable
 
 
 class Linear(MergeMethod):
