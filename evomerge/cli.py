@@ -28,8 +28,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                         "search's value to reproduce its candidates bit for bit")
     p.set_defaults(func=_run_merge)
 
-    v = sub.add_parser("validate", help="check a recipe and its sources without merging")
-    v.add_argument("config", help="mergekit-style YAML recipe")
+    v = sub.add_parser("validate", help="check a recipe (or a search space) without merging or searching")
+    v.add_argument("config", help="mergekit-style YAML recipe, or a search space (prints its objective)")
     v.set_defaults(func=_run_validate)
 
 
@@ -49,10 +49,16 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from evomerge.search.space import is_space_file
+
+    if is_space_file(args.config):
+        from evomerge.search.loop import validate_space
+
+        print(validate_space(args.config))
+        return 0
     from evomerge.engine.merge import validate_config
 
-    summary = validate_config(args.config)
-    print(summary)
+    print(validate_config(args.config))
     return 0
 
 

@@ -34,7 +34,7 @@ def main() -> None:
     ev = LMEvalEvaluator(AutoTokenizer.from_pretrained(fam.tokenizer), [f"toy_{s}" for s in fam.skills],
                          str(fam.tasks_dir), batch_size=args.batch_size)
     t0 = time.perf_counter()
-    ev.tasks_for(args.split)
+    ev.view(args.split)
     build = time.perf_counter() - t0
     walls, cpus = [], []
     for i in range(args.repeat):

@@ -87,7 +87,7 @@ def test_sees_in_place_weight_changes(setup, fam):
 def test_unknown_task_suggests_a_name(fam):
     ev = LMEvalEvaluator(None, ["toy_revv"], str(fam.tasks_dir))
     with pytest.raises(ConfigError, match="did you mean 'toy_rev_search'"):
-        ev.tasks_for("search")
+        ev.view("search")
 
 
 @pytest.mark.slow

@@ -576,6 +576,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
         objective:
           tasks_dir: {toy_family.tasks_dir}
           tasks: [toy_{first}, toy_{second}]
+          splits: {{search: search, select: select, report: report}}
         search: {{trials: {budget}, seed: 0, top_k: 1, limit: 8}}
         """))
     out = tmp_path / "run"

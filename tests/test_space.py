@@ -135,3 +135,31 @@ def test_shipped_spaces_load(monkeypatch):
     for f in files:
         space = load_space(f)
         assert space.all_dimensions(), f
+
+
+def test_dtype_follows_the_sources_and_out_dtype_is_what_is_scored(tmp_path):
+    from evomerge.search.loop import worker_spec
+    from evomerge.search.suggest import baseline_params, build_recipe
+
+    p = write_space(tmp_path, SLERP)
+    for name in ("add", "rev", "base"):
+        (tmp_path / "models" / name / "config.json").write_text('{"num_hidden_layers": 4, "dtype": "bfloat16"}')
+    space = load_space(p)
+    assert space.dtype == "bfloat16" and space.score_dtype == "bfloat16"  # not silently doubled to fp32
+    p.write_text(p.read_text() + "dtype: float32\nout_dtype: float16\n")
+    space = load_space(p)
+    assert (space.dtype, space.score_dtype) == ("float32", "float16")
+    recipe = build_recipe(space, baseline_params(space)[0][1])
+    assert (recipe.dtype, recipe.out_dtype) == ("float32", "float16")  # best.yaml exports float16
+    assert worker_spec(space).dtype == "float16"  # the resident model that is scored
+
+
+def test_split_forms(tmp_path):
+    p = write_space(tmp_path, SLERP)
+    assert load_space(p).objective.splits.mode == "carve"  # the default for un-split tasks
+    named = SLERP.replace("objective:\n", "objective:\n  splits: {search: dev, select: val, report: test}\n")
+    sp = load_space(write_space(tmp_path, named)).objective.splits
+    assert sp.mode == "named" and sp.task_name("toy_rev", "report") == "toy_rev_test"
+    both = SLERP.replace("objective:\n", "objective:\n  splits: {search: dev, carve: {search: 0.5, select: 0.25, report: 0.25}}\n")
+    with pytest.raises(ConfigError, match="either split names"):
+        load_space(write_space(tmp_path, both))

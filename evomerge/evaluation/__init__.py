@@ -1,7 +1,9 @@
 """Scoring a live model: lm-eval run in memory on the resident model a trial merged into.
 
-What it holds: `evaluate.py` (`LMEvalEvaluator`: tasks built once per split, `HFLM` wrapped around
-the model once, seeded item subsets). Split carving, audits and statistics land here too.
+What it holds: `evaluate.py` (`LMEvalEvaluator`: tasks built once, `HFLM` wrapped around the model
+once, seeded item subsets, the protocol applied), `splits.py` (carving a task's documents into
+search/select/report by keyed content hash) and `protocol.py` (the scoring protocol and the split rule,
+pydantic). Audits and statistics land here too.
 
 What it may import: `evomerge.errors`, `evomerge.engine`, and lm-eval / transformers (lazily, inside
 the functions that need them); nothing from `search`, `executors` or `toy`

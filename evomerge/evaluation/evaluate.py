@@ -2,14 +2,23 @@
 
 The search scores every candidate by writing merged weights into one resident model and evaluating
 it. `LMEvalEvaluator` wraps that model in lm-eval's `HFLM` once (HFLM keeps a reference, it does not
-copy, so in-place merges are seen) and builds each split's tasks once (`TaskManager.load`), then
-calls `lm_eval.evaluator.evaluate` per trial: no per-call environment collection or template
-re-rendering as `simple_evaluate` would do. A `limit` selects a seeded random subset of each task
+copy, so in-place merges are seen) and builds the tasks once (`TaskManager.load`), then calls
+`lm_eval.evaluator.evaluate` per trial: no per-call environment collection or template re-rendering
+as `simple_evaluate` would do. A `limit` selects a seeded random subset of a split's items of each task
 (the same subset for the same seed, so trials are compared on the same items), never the first N.
 
-Task `T` on split `S` is the lm-eval task `T_S` (`toy_rev` + `search` -> `toy_rev_search`).
-Metrics come back keyed by that full task name; the filter suffix `,none` is dropped
-(`exact_match`), other filters keep theirs (`exact_match,strict`); stderr entries are left out.
+Splits (`protocol.SplitSpec`): with `carve`, each task (any lm-eval task or group, not pre-split) is
+loaded once and its evaluation documents are carved by content hash (`splits.py`); a split is a list
+of document indices handed to lm-eval as `samples`. With `named`, task `T` on split `S` is the
+lm-eval task `T_S` (`toy_rev` + `search` -> `toy_rev_search`). Either way `evaluate(model, split)`
+takes the split's role (`search`, `select`, `report`) and returns metrics keyed by the objective's
+lm-eval task name; the filter suffix `,none` is dropped (`exact_match`), other filters keep theirs
+(`exact_match,strict`); stderr entries are left out.
+
+The protocol (`protocol.ScoringProtocol`: few-shot count, chat template, system instruction, generation
+settings, batch size) is applied to every call alike. Few-shot examples never come from the select or
+report items: they are drawn from the task's own few-shot source with every evaluation item removed
+from it, or, when that leaves too few, from a pool carved out of the search split (`splits.fewshot_pool`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evomerge.errors import ConfigError
+from evomerge.evaluation import splits as carving
+from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class EvalResult:
     samples: dict[str, int]
     seconds: float
     items: dict[str, dict[str, list[float]]] | None = None
+    prompts: dict[str, dict[int, list[str]]] | None = None  # per task, what each item's prompt was (per_item)
 
 
 class Evaluator(Protocol):
@@ -114,75 +126,164 @@ def _quiet_hflm():
     return QuietHFLM
 
 
+@dataclass
+class _Leaf:
+    """One lm-eval task (a group's member, or a task of its own) with its carved splits."""
+
+    name: str
+    task: Any
+    carving: "carving.Carving"
+    fewshot_source: str = "none"  # where few-shot examples come from: none / task / search-pool
+
+
+@dataclass
+class _View:
+    """What one split role evaluates: a task dict and its leaves, and the objective's names in it."""
+
+    task_dict: Any
+    names: list[str]  # lm-eval names of the objective's tasks (T, or T_<split> when named)
+    leaves: dict[str, _Leaf]
+
+
 class LMEvalEvaluator:
-    """lm-eval over a resident model: tasks built once per split, HFLM built once per model object."""
+    """lm-eval over a resident model: tasks built once, HFLM built once per model object.
+
+    `splits` says how items are split (default: the `named` form, `T_<split>` tasks); `protocol` how
+    every call is run (default: zero-shot, no chat template, `batch_size`)."""
 
     def __init__(
         self,
         tokenizer: Any,
         tasks: list[str],
         include_path: str | None,
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         device: str = "cpu",
         *,
         progress: bool = False,
+        splits: SplitSpec | None = None,
+        protocol: ScoringProtocol | None = None,
     ):
         if not tasks:
             raise ConfigError("no tasks to evaluate", where="evaluator", fix="name at least one task")
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
         self.include_path = str(include_path) if include_path else None
-        self.batch_size = batch_size
+        self.splits = splits or SplitSpec(mode="named")
+        self.protocol = protocol or ScoringProtocol(batch_size=batch_size)
+        self.batch_size = self.protocol.batch_size
         self.device = device
         self.progress = progress
         self._manager = None
-        self._task_dicts: dict[str, Any] = {}
-        self._sizes: dict[str, dict[str, int]] = {}
+        self._views: dict[str, _View] = {}
         self._lm = None
         self._lm_model_id: int | None = None
 
     # -- built once -------------------------------------------------------------------------------
-    def _task_manager(self):
-        if self._manager is None:
-            from lm_eval.tasks import TaskManager
+    def _task_manager(self, names: list[str]):
+        """A TaskManager that knows `names`: the include path alone first (milliseconds), and lm-eval's
+        built-in tasks as well only when a name is not found there (indexing them takes seconds)."""
+        from lm_eval.tasks import TaskManager
 
-            if self.include_path and not os.path.isdir(self.include_path):
-                raise ConfigError(
-                    "task include path is not a folder", where=self.include_path, fix="point it at a folder of task YAML"
-                )
-            # Without built-in tasks indexing takes milliseconds instead of 10+ seconds.
-            self._manager = TaskManager(
-                include_path=self.include_path, include_defaults=self.include_path is None
+        if self.include_path and not os.path.isdir(self.include_path):
+            raise ConfigError(
+                "task include path is not a folder", where=self.include_path, fix="point it at a folder of task YAML"
+            )
+        if self._manager is None:
+            self._manager = TaskManager(include_path=self.include_path, include_defaults=self.include_path is None)
+        known = set(self._manager.all_tasks)
+        if self.include_path and any(n not in known for n in names):
+            self._manager = TaskManager(include_path=self.include_path, include_defaults=True)
+            known = set(self._manager.all_tasks)
+        missing = [n for n in names if n not in known]
+        if missing:
+            import difflib
+
+            hint = difflib.get_close_matches(missing[0], sorted(known), n=1)
+            form = ("tasks are named <task>_<split> with splits given by name"
+                    if self.splits.mode == "named" else "name an lm-eval task or group")
+            if self.splits.mode == "carve" and f"{missing[0]}_search" in known:
+                form = (f"{missing[0]!r} is already split into {missing[0]}_<split> tasks: add "
+                        "objective.splits: {search: search, select: select, report: report}")
+            raise ConfigError(
+                f"unknown lm-eval task {missing[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                where=self.include_path or "lm-eval built-in tasks",
+                fix=f"{form}; check the task list and objective.tasks_dir",
             )
         return self._manager
 
-    def tasks_for(self, split: str):
-        """The lm-eval task dict of one split (built on first use, then reused)."""
-        if split not in self._task_dicts:
-            manager = self._task_manager()
-            names = [task_name(t, split) for t in self.tasks]
-            known = set(manager.all_tasks)
-            missing = [n for n in names if n not in known]
-            if missing:
-                import difflib
+    def view(self, split: str) -> _View:
+        """The tasks and carved items of one split role (built on first use, then reused)."""
+        if split not in carving.ROLES:
+            raise ConfigError(f"unknown split {split!r}", where="evaluate", fix=f"use one of {', '.join(carving.ROLES)}")
+        if split in self._views:
+            return self._views[split]
+        if self.splits.mode == "carve":
+            if not self._views:
+                view = self._load([self.splits.task_name(t, "search") for t in self.tasks], None)
+                for role in carving.ROLES:
+                    self._views[role] = view
+        else:
+            self._views[split] = self._load([self.splits.task_name(t, split) for t in self.tasks], split)
+        return self._views[split]
 
-                hint = difflib.get_close_matches(missing[0], sorted(known), n=1)
-                raise ConfigError(
-                    f"unknown lm-eval task {missing[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
-                    where=self.include_path or "lm-eval built-in tasks",
-                    fix="tasks are named <task>_<split>; check the task list and the include path",
-                )
+    def _load(self, names: list[str], role: str | None) -> _View:
+        manager = self._task_manager(names)
+        try:
             with _quiet_lm_eval():
                 task_dict = manager.load(names)
-            self._task_dicts[split] = task_dict
-            self._sizes[split] = {n: len(self._docs(task_dict, n)) for n in names}
-        return self._task_dicts[split]
+        except (FileNotFoundError, OSError, ValueError) as exc:  # the task's data could not be read
+            raise ConfigError(
+                f"lm-eval could not load the data of task(s) {', '.join(names)}: {str(exc).splitlines()[0][:300]}",
+                where=self.include_path or "lm-eval built-in tasks",
+                fix="check the task's dataset_path / data_files (relative data_files are read from the current "
+                    "folder); offline, a hub data set must already be in the HF cache",
+            ) from None
+        tasks = task_dict["tasks"] if isinstance(task_dict, dict) and "tasks" in task_dict else task_dict
+        leaves = {}
+        for name, task in tasks.items():
+            docs = list(task.eval_docs)
+            keys = [self._key(task, d) for d in docs]
+            cut = carving.named(keys, role) if role else carving.carve(
+                keys, self.splits.fractions.model_dump(), self.splits.seed)
+            leaves[name] = self._apply_protocol(_Leaf(name, task, cut), docs)
+        return _View(task_dict, names, leaves)
 
     @staticmethod
-    def _docs(task_dict, name: str):
-        tasks = task_dict["tasks"] if isinstance(task_dict, dict) and "tasks" in task_dict else task_dict
-        task = tasks[name]
-        return task.eval_docs
+    def _key(task, doc) -> str:
+        """The normalized content of a document: what the model sees plus the target (and choices)."""
+        choices = task.doc_to_choice(doc) if getattr(task.config, "doc_to_choice", None) is not None else None
+        return carving.content_key(task.doc_to_text(doc), task.doc_to_target(doc), choices)
+
+    def _apply_protocol(self, leaf: _Leaf, docs: list) -> _Leaf:
+        """Generation settings and few-shot count on the task; the few-shot pool cleaned of evaluation items."""
+        p, task = self.protocol, leaf.task
+        if p.gen_kwargs and task.config.output_type == "generate_until":
+            task.set_config(key="generation_kwargs", value=dict(p.gen_kwargs), update=True)
+        task.set_config(key="num_fewshot", value=p.num_fewshot)
+        if p.num_fewshot == 0:
+            return leaf
+        eval_keys = set(leaf.carving.keys)
+        try:
+            with _quiet_lm_eval():
+                source = list(task.fewshot_docs() or [])
+        except Exception:  # noqa: BLE001 - a task without any few-shot source
+            source = []
+        pool = [d for d in source if self._key(task, d) not in eval_keys]
+        if len(pool) >= p.num_fewshot:
+            leaf.fewshot_source = "task"
+        else:
+            search = len(leaf.carving.indices["search"])
+            size = min(max(4 * p.num_fewshot, 8), search // 2)
+            if size < p.num_fewshot:
+                raise ConfigError(
+                    f"task {leaf.name!r} has no few-shot source of its own and its search split ({search} items) "
+                    f"is too small to carve {p.num_fewshot} few-shot examples from",
+                    where="objective.protocol.num_fewshot", fix="lower num_fewshot, or give the task a fewshot_split")
+            leaf.carving = carving.fewshot_pool(leaf.carving, size, self.splits.seed)
+            pool = [docs[i] for i in leaf.carving.fewshot]
+            leaf.fewshot_source = "search-pool"
+        task.sampler.replace_df(pool)
+        return leaf
 
     def _wrap(self, model):
         # The wrapper holds the model, so the id cannot be reused by another object while cached.
@@ -197,27 +298,44 @@ class LMEvalEvaluator:
             self._lm_model_id = id(model)
         return self._lm
 
-    # -- per call ---------------------------------------------------------------------------------
+    # -- queries ----------------------------------------------------------------------------------
     def sizes(self, split: str) -> dict[str, int]:
-        """Items per task of `split` (builds the split's tasks if needed)."""
-        self.tasks_for(split)
-        return dict(self._sizes[split])
+        """Items per lm-eval task (leaf) of `split` (builds the tasks if needed)."""
+        return {n: len(leaf.carving.indices[split]) for n, leaf in self.view(split).leaves.items()}
 
+    def record(self) -> dict:
+        """What the items of this objective are: per lm-eval task and split, the item count and a hash
+        of the items, where few-shot examples come from, and hashes of the task files."""
+        out: dict[str, Any] = {}
+        for role in carving.ROLES:
+            for name, leaf in self.view(role).leaves.items():
+                row = out.setdefault(name, {"splits": {}, "fewshot_source": leaf.fewshot_source,
+                                            "files": _task_files(self._manager, name, leaf.task)})
+                row["splits"][role] = {"items": len(leaf.carving.indices[role]), "ids": leaf.carving.ids_hash(role)}
+                if leaf.carving.fewshot:
+                    row["splits"]["fewshot_pool"] = {"items": len(leaf.carving.fewshot),
+                                                     "ids": leaf.carving.ids_hash("fewshot")}
+        return out
+
+    # -- per call ---------------------------------------------------------------------------------
     def evaluate(
         self, model: Any, split: str, *, limit: int | None = None, seed: int = 0, per_item: bool = False
     ) -> EvalResult:
-        """Score `model` (evaluated as it is now) on every task of `split` (`per_item`: keep each
-        item's score too, in `EvalResult.items`)."""
+        """Score `model` (evaluated as it is now) on every task of split role `split` (`per_item`:
+        keep each item's score too, in `EvalResult.items`)."""
         from lm_eval import evaluator as lm_evaluator
 
         t0 = time.perf_counter()
-        task_dict = self.tasks_for(split)
+        view = self.view(split)
         lm = self._wrap(model)
-        names = [task_name(t, split) for t in self.tasks]
-        picks = {n: subset(self._sizes[split][n], limit, seed, n) for n in names}
-        samples = {n: p for n, p in picks.items() if p is not None} or None
-        if samples is not None:  # lm-eval takes indices for every task or none
-            samples = {n: (p if p is not None else list(range(self._sizes[split][n]))) for n, p in picks.items()}
+        samples = {}
+        for name, leaf in view.leaves.items():
+            idx = leaf.carving.indices[split]
+            pick = subset(len(idx), limit, seed, name)
+            samples[name] = [idx[i] for i in pick] if pick is not None else list(idx)
+            if self.protocol.num_fewshot:
+                leaf.task.set_fewshot_seed(seed=1234)  # the same examples for every model, every call
+        p = self.protocol
         # lm-eval draws one progress bar per task per call while building requests; a search would
         # print thousands. Unless `progress`, stderr is captured and replayed only if evaluation fails.
         captured = io.StringIO()
@@ -225,12 +343,53 @@ class LMEvalEvaluator:
         try:
             with _quiet_lm_eval(), redirect:
                 out = lm_evaluator.evaluate(
-                    lm, task_dict, samples=samples, bootstrap_iters=0, log_samples=per_item, verbosity="ERROR"
+                    lm, view.task_dict, samples=samples, bootstrap_iters=0, log_samples=per_item, verbosity="ERROR",
+                    system_instruction=p.system_instruction, apply_chat_template=p.apply_chat_template,
+                    fewshot_as_multiturn=p.fewshot_as_multiturn,
                 )
         except BaseException:
             sys.stderr.write(captured.getvalue())
             raise
-        metrics = _metric_rows(out["results"], names)
-        counts = {n: (len(samples[n]) if samples else self._sizes[split][n]) for n in names}
-        items = _item_rows(out["samples"], names, metrics) if per_item else None
-        return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items)
+        metrics = _metric_rows(out["results"], view.names)
+        counts = {n: len(s) for n, s in samples.items()}
+        items = _item_rows(out["samples"], list(view.leaves), _metric_rows(out["results"], list(view.leaves))) \
+            if per_item else None
+        return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items,
+                          prompts=_prompts(out["samples"]) if per_item else None)
+
+
+def _prompts(logged: dict[str, list[dict]]) -> dict[str, dict[int, list[str]]]:
+    """Per task, every logged item's prompt(s) by document index (what the model was shown)."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for name, docs in logged.items():
+        rows = out.setdefault(name, {})
+        for d in docs:
+            rows[int(d["doc_id"])] = [str(a[0]) if isinstance(a, (list, tuple)) else str(a) for a in d["arguments"]]
+    return out
+
+
+def _task_files(manager, name: str, task) -> dict[str, str]:
+    """sha256 of the task's YAML file (and the files it includes from its folder) and of its local data files."""
+    import hashlib
+
+    files = []
+    entry = getattr(manager, "task_index", {}).get(name) if manager is not None else None
+    yaml_path = getattr(entry, "yaml_path", None) if entry is not None else None
+    if yaml_path:
+        files.append(str(yaml_path))
+    kwargs = getattr(task.config, "dataset_kwargs", None) or {}
+    base = os.path.dirname(str(yaml_path)) if yaml_path else "."
+    for key in ("data_files", "data_file", "data_dir"):
+        value = kwargs.get(key)
+        values = value.values() if isinstance(value, dict) else ([value] if isinstance(value, str) else value or [])
+        for v in values:
+            for f in ([v] if isinstance(v, str) else v):
+                # HF datasets reads relative paths from the current folder; some loaders from the YAML's
+                f = next((c for c in (f, os.path.join(base, f)) if os.path.isfile(c)), None)
+                if f is not None:
+                    files.append(f)
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            out[os.path.basename(f)] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return out

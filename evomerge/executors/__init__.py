@@ -53,7 +53,8 @@ def make_executor(
 
     timeout: seconds one trial may take before it counts as failed (None: no limit).
     threads_per_worker: torch threads per worker process; overrides `spec.threads` when given.
-    options: passed through to `RayExecutor` (e.g. `resources`).
+    options: passed through to `RayExecutor` (e.g. `resources`); `worker`: an already set-up `Worker`
+      the in-process executor adopts (the search's pre-flight built one).
     """
     from dataclasses import replace
 
@@ -68,7 +69,7 @@ def make_executor(
     if workers == 1 and not ray_address:
         from evomerge.executors.local import InProcessExecutor
 
-        return InProcessExecutor(spec, timeout=timeout)
+        return InProcessExecutor(spec, timeout=timeout, worker=options.get("worker"))
     try:
         from evomerge.executors.ray_pool import RayExecutor
     except ImportError as exc:  # ray missing, or the Ray executor not available in this install

@@ -34,6 +34,8 @@ class WorkerSpec:
     dtype: torch dtype name of the resident model ("float32", "bfloat16", ...).
     tokenizer: path of the tokenizer used by the evaluator (defaults to `base`).
     tasks: evaluator task names (without split suffix); include_path: a folder of local task YAML.
+    splits, protocol: how the tasks' items are split and scored (`evaluation.protocol`, as dicts);
+      None: the tasks are already split (`T_<split>`) and scored zero-shot.
     threads: torch intra-op threads for this process (None: leave torch's default).
     evaluator: optional "module:callable" import path; the callable takes this spec and returns an
       object with `evaluate(model, split, *, limit=None, seed=0) -> EvalResult`. None means
@@ -51,6 +53,8 @@ class WorkerSpec:
     batch_size: int = 64
     evaluator: str | None = None
     options: tuple[tuple[str, Any], ...] = field(default=())
+    splits: dict | None = field(default=None, hash=False)  # evaluation.protocol.SplitSpec as a dict
+    protocol: dict | None = field(default=None, hash=False)  # evaluation.protocol.ScoringProtocol as a dict
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -144,6 +148,7 @@ class Worker:
             from transformers import AutoTokenizer
 
             from evomerge.evaluation.evaluate import LMEvalEvaluator
+            from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
             self.evaluator = LMEvalEvaluator(
@@ -152,6 +157,8 @@ class Worker:
                 spec.include_path,
                 batch_size=spec.batch_size,
                 device=spec.device,
+                splits=SplitSpec.model_validate(spec.splits) if spec.splits else None,
+                protocol=ScoringProtocol.model_validate(spec.protocol) if spec.protocol else None,
             )
         self.model = model
         self.setup_seconds = time.perf_counter() - t0

@@ -59,16 +59,19 @@ def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: st
     if space.base is not None and space.base.path not in paths:
         paths.append(space.base.path)
     template = space.base.path if space.base is not None else space.models[0].path
+    obj = space.objective
     return WorkerSpec(
         sources=tuple(paths),
         base=template,
-        dtype=space.dtype,
+        dtype=space.score_dtype,
         tokenizer=space.tokenizer or template,
-        tasks=tuple(t.task for t in space.objective.tasks),
-        include_path=space.objective.tasks_dir,
+        tasks=tuple(t.task for t in obj.tasks),
+        include_path=obj.tasks_dir,
         threads=threads,
-        batch_size=space.budget.batch_size,
+        batch_size=obj.protocol.batch_size,
         evaluator=evaluator,
+        splits=obj.splits.model_dump(mode="json"),
+        protocol=obj.protocol.model_dump(mode="json"),
     )
 
 
@@ -136,7 +139,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     from evomerge.search.suggest import build_recipe, suggest_params
 
     budget = space.budget
-    split = space.objective.splits.search
+    split = "search"
     target = budget.trials
     if study.user_attrs.get("sampler") == "grid":
         target = min(target, grid_size(space))
@@ -225,7 +228,7 @@ def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stat
     from optuna.trial import TrialState
 
     budget = space.budget
-    split = space.objective.splits.search
+    split = "search"
     timings = dict(trial.user_attrs.get("timings") or {})
     for key, value in outcome.timings.items():  # summed over fidelity rungs
         timings[key] = round(timings.get(key, 0.0) + float(value), 4)
@@ -293,13 +296,17 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 
 
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
-                      key: Callable[[Candidate], str], log: Callable) -> None:
+                      key: Callable[[Candidate], str], log: Callable, study=None) -> None:
     """Score candidates (not already in `cache`) on `split`, full split, through the executor."""
     from evomerge.search.score import ScoreError, mixture, task_values
 
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
+        if split == "report" and study is not None:
+            from evomerge.search.record import note_report
+
+            note_report(study, [c.label for c in pending])
     jobs = {}
     queue = list(enumerate(pending))
     while queue or jobs:
@@ -333,7 +340,6 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     from evomerge.search.study import ROLE
     from evomerge.search.suggest import build_recipe, parent_recipes
 
-    splits = space.objective.splits
     top = top_trials(study, space, space.budget.top_k)
     baselines = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -350,19 +356,19 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
         role = t.user_attrs.get(ROLE, "")
         label = role if role.startswith("baseline:") else f"trial {n}"
         by_number[n] = Candidate(label, n, build_recipe(space, t.params))
-        by_number[n].scores[splits.search] = {"score": _search_mixture(t, space), "tasks": t.user_attrs.get("tasks", {})}
+        by_number[n].scores["search"] = {"score": _search_mixture(t, space), "tasks": t.user_attrs.get("tasks", {})}
 
     select_cache = {int(k): v for k, v in study.user_attrs.get(SELECT_ATTR, {}).items()}
     cands = list(by_number.values())
-    _score_candidates(executor, space, cands, splits.select, select_cache, lambda c: c.trial, log)
+    _score_candidates(executor, space, cands, "select", select_cache, lambda c: c.trial, log)
     study.set_user_attr(SELECT_ATTR, {str(k): v for k, v in select_cache.items()})
 
     def rank(c: Candidate):
-        s = c.scores[splits.select]["score"]
-        return (s is not None, s if s is not None else -math.inf, c.scores[splits.search]["score"] or -math.inf)
+        s = c.scores["select"]["score"]
+        return (s is not None, s if s is not None else -math.inf, c.scores["search"]["score"] or -math.inf)
 
     winner = max(cands, key=rank)
-    if winner.scores[splits.select]["score"] is None:
+    if winner.scores["select"]["score"] is None:
         return None, cands
     study.set_user_attr(WINNER_ATTR, winner.trial)
 
@@ -372,7 +378,7 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     report = [winner] + [by_number[t.number] for t in baselines.values() if t.number != winner.trial]
     for label, recipe in parent_recipes(space):
         report.append(Candidate(label, None, recipe))
-    _score_candidates(executor, space, report, splits.report, report_cache, lambda c: c.label, log)
+    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log, study=study)
     report_cache["_winner"] = winner.trial
     study.set_user_attr(REPORT_ATTR, report_cache)
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
@@ -415,11 +421,12 @@ def run_search(
     t0 = time.perf_counter()
     out = Path(out)
     own_executor = executor is None
+    worker, record = None, None
     if own_executor:
-        _preflight(space)  # before anything is created on disk
+        worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker)  # before anything is on disk
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
-    study, info = create_study(space, storage, workers=max(workers, getattr(executor, "slots", 1)))
+    study, info = create_study(space, storage, workers=max(workers, getattr(executor, "slots", 1)), record=record)
     if info["requeued"]:
         log(f"evomerge: resumed; trials {info['requeued']} were interrupted and will run again")
     elif info["resumed"]:
@@ -428,7 +435,10 @@ def run_search(
         from evomerge.executors import make_executor
 
         spec = worker_spec(space, evaluator=evaluator)
-        executor = make_executor(spec, workers, ray_address, trial_timeout, threads_per_worker=threads_per_worker)
+        local = workers == 1 and not ray_address
+        executor = make_executor(spec, workers, ray_address, trial_timeout, threads_per_worker=threads_per_worker,
+                                 **({"worker": worker} if local else {}))
+        worker = None  # the in-process executor adopted it; Ray workers build their own
     try:
         stats = optimize(study, space, executor, progress=progress, log=log)
         info.update(stats)
@@ -446,10 +456,16 @@ def run_search(
     return result
 
 
-def _preflight(space: SearchSpace) -> None:
-    """Cheap checks before any worker starts: sources agree, every method's baseline plans."""
+def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None):
+    """Every check that needs no search, before anything is written: the sources agree, every method's
+    baseline plans, every task resolves, every split is non-empty and large enough for the search
+    limit, and every metric exists (a one-item dry run on the first model). Returns the set-up
+    worker (its model and tasks are built; the in-process executor adopts it) and the protocol record."""
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.merge import plan
+    from evomerge.executors.worker import Worker
+    from evomerge.search.record import protocol_record
+    from evomerge.search.score import ScoreError, task_values
     from evomerge.search.suggest import baseline_params, build_recipe
 
     paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
@@ -460,6 +476,65 @@ def _preflight(space: SearchSpace) -> None:
             plan(build_recipe(space, params), sources)
     finally:
         sources.close()
+    src = space.path or "space"
+    worker = Worker(worker_spec(space, evaluator=evaluator, threads=threads))
+    try:
+        worker.setup()
+        ev = worker.evaluator
+        if hasattr(ev, "sizes"):
+            _check_sizes(space, ev, src)
+        result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
+    except ConfigError as exc:
+        raise _at_task(exc, space, src) from None
+    try:
+        task_values(result.metrics, space.objective, "search")
+    except ScoreError as exc:
+        i, task = next(((i, t) for i, t in enumerate(space.objective.tasks) if repr(t.task) in str(exc)),
+                       (0, space.objective.tasks[0]))
+        raise ConfigError(f"the one-item dry run found no usable metric: {exc}",
+                          where=f"{src}: objective.tasks[{i}].metric",
+                          fix=f"name a metric that task {task.task!r} reports (the list above)") from None
+    return worker, protocol_record(space, worker.evaluator)
+
+
+def validate_space(path: str | Path) -> str:
+    """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
+    sizes, protocol). Writes nothing."""
+    from evomerge.search.record import protocol_lines, splits_text
+
+    from evomerge.search.space import load_space
+
+    space = load_space(path)
+    worker, record = preflight(space)
+    del worker
+    obj = space.objective
+    lines = [f"ok: {path}",
+             f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
+             "  objective   " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g}" for t in obj.tasks),
+             f"  splits      {splits_text(space)}"]
+    lines += [f"  {line}" for line in protocol_lines(record)]
+    return "\n".join(lines)
+
+
+def _check_sizes(space: SearchSpace, ev, src: str) -> None:
+    b = space.budget
+    for role in ("search", "select", "report"):
+        for task, n in ev.sizes(role).items():
+            if n == 0:
+                raise ConfigError(f"the {role} split of task {task!r} is empty", where=f"{src}: objective.splits",
+                                  fix="give the task more items, or a larger share to that split")
+            if role == "search" and b.limit is not None and n < b.limit:
+                raise ConfigError(f"the search split of task {task!r} has {n} items, fewer than search.limit {b.limit}",
+                                  where=f"{src}: search.limit",
+                                  fix=f"use search.limit {n} or less, or give the search split a larger share")
+
+
+def _at_task(exc: ConfigError, space: SearchSpace, src: str) -> ConfigError:
+    """Point an evaluator's error about a task at the task's entry in the space file."""
+    for i, t in enumerate(space.objective.tasks):
+        if f"{t.task!r}" in exc.what or f"'{t.task}_" in exc.what:
+            return ConfigError(exc.what, where=f"{src}: objective.tasks[{i}].task", fix=exc.fix)
+    return exc
 
 
 def run_search_cli(args) -> int:

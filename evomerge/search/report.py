@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge import __version__
+from evomerge.evaluation.splits import ROLES
+from evomerge.search.record import REPORT_LOG_ATTR, RECORD_ATTR, protocol_lines, splits_text
 
 DASHBOARD_HINT = "pip install optuna-dashboard && optuna-dashboard {storage}"
 
@@ -85,18 +87,18 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
     """The winner's recipe with provenance comments."""
     w = result.winner
     space = result.space
-    sp = space.objective.splits
     study = result.study
     lines = [
         f"evomerge {__version__} search winner: {w.label}, space {space.name!r}",
         f"study: {study.study_name} in {storage}",
         f"trial: {w.trial}  sampler: {study.user_attrs.get('sampler')}  seed: {space.budget.seed}",
     ]
-    for split in (sp.search, sp.select, sp.report):
+    for split in ROLES:
         s = w.scores.get(split)
         if s:
             tasks = ", ".join(f"{k}={_fmt(v)}" for k, v in (s.get("tasks") or {}).items())
             lines.append(f"score on {split}: {_fmt(s.get('score'))} ({tasks})")
+    lines += protocol_lines(study.user_attrs.get(RECORD_ATTR), study.user_attrs.get(REPORT_LOG_ATTR))
     lines.append("sources (sha256 of config.json + *.safetensors):")
     lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
     from evomerge.engine.merge import merge_threads
@@ -135,7 +137,6 @@ def trials_csv(study, space) -> str:
 
 def report_md(result, storage: str, plots: list[str]) -> str:
     space = result.space
-    sp = space.objective.splits
     study = result.study
     w = result.winner
     from optuna.trial import TrialState
@@ -150,23 +151,25 @@ def report_md(result, storage: str, plots: list[str]) -> str:
     out.append("- objective: " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g} ({t.direction})"
                                           for t in space.objective.tasks)
                + (" (multi-objective)" if space.objective.multi_objective else ""))
-    out.append(f"- splits: search `{sp.search}`" + (f" (limit {space.budget.limit})" if space.budget.limit else "")
-               + f", select `{sp.select}` (top {space.budget.top_k} + baselines), report `{sp.report}` (scored once)")
+    out.append("- splits: " + splits_text(space) + (f"; search limit {space.budget.limit}" if space.budget.limit else "")
+               + f"; select: top {space.budget.top_k} + baselines; report: scored once")
     out.append(f"- wall time this invocation: {result.seconds:.1f} s")
+    out += [f"- {line}" for line in protocol_lines(study.user_attrs.get(RECORD_ATTR),
+                                                     study.user_attrs.get(REPORT_LOG_ATTR))]
     if w is not None:
         out.append(f"- winner: **{w.label}** -> `best.yaml` (`evomerge merge best.yaml OUT` rebuilds it)")
     out.append("")
     out.append("## Winner vs parents vs baselines")
     out.append("")
     task_names = [t.task for t in space.objective.tasks]
-    splits = [sp.search, sp.select, sp.report]
-    header = ["candidate"] + splits + [f"{sp.report}: {t}" for t in task_names]
+    splits = list(ROLES)
+    header = ["candidate"] + splits + [f"report: {t}" for t in task_names]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
     for c in result.candidates:
         row = [c.label + (" (winner)" if c is w else "")]
         row += [_fmt((c.scores.get(s) or {}).get("score")) for s in splits]
-        rep = (c.scores.get(sp.report) or {}).get("tasks") or {}
+        rep = (c.scores.get("report") or {}).get("tasks") or {}
         row += [_fmt(rep.get(t)) for t in task_names]
         out.append("| " + " | ".join(row) + " |")
     out.append("")
@@ -191,12 +194,11 @@ def report_md(result, storage: str, plots: list[str]) -> str:
 def summary(result) -> str:
     """The table printed at the end of `evomerge search`."""
     space = result.space
-    sp = space.objective.splits
     lines = []
     info = result.info
     lines.append(f"search {space.name}: {info.get('completed', 0)} completed, {info.get('failed', 0)} failed, "
                  f"{info.get('pruned', 0)} pruned this run; {result.seconds:.1f} s")
-    splits = [sp.search, sp.select, sp.report]
+    splits = list(ROLES)
     width = max([len(c.label) + 9 for c in result.candidates] + [20])
     lines.append(f"{'candidate':<{width}}" + "".join(f"{s:>10}" for s in splits))
     for c in result.candidates:
@@ -330,3 +332,7 @@ def write_run(result, *, storage: str) -> None:
         hashes = source_hashes(list(dict.fromkeys(paths)), out / "sources.json")
         atomic_write(out / "best.yaml", best_yaml(result, storage, hashes))
     atomic_write(out / "report.md", report_md(result, storage, plots))
+    study = result.study
+    record = {"space": space.name, "record": study.user_attrs.get(RECORD_ATTR),
+              "report_evaluations": study.user_attrs.get(REPORT_LOG_ATTR, [])}
+    atomic_write(out / "record.json", json.dumps(record, indent=1, sort_keys=True) + "\n")

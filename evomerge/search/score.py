@@ -42,6 +42,8 @@ def find_metric(metrics: dict[str, dict[str, float]], task: str, metric: str, sp
 
 def task_values(metrics: dict, objective: Objective, split: str | None = None) -> dict[str, float]:
     """{task: metric value} for every task of the objective (raises ScoreError)."""
+    if split and objective.splits.mode == "named" and split in objective.splits.names:
+        split = objective.splits.names[split]  # the role's lm-eval suffix: T_<name>
     return {t.task: find_metric(metrics, t.task, t.metric, split) for t in objective.tasks}
 
 

@@ -46,6 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError, read_config_text
+from evomerge.evaluation.protocol import Carve, ScoringProtocol, SplitSpec
 
 SAMPLERS = ("auto", "cmaes", "tpe", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -107,16 +108,11 @@ class Task(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
-class Splits(_Strict):
-    search: str = "search"
-    select: str = "select"
-    report: str = "report"
-
-
 class Objective(_Strict):
     tasks: tuple[Task, ...]
     tasks_dir: str | None = None  # absolute, resolved
-    splits: Splits = Splits()
+    splits: SplitSpec = SplitSpec()
+    protocol: ScoringProtocol = ScoringProtocol()
     multi_objective: bool = False  # one objective per task (Pareto front, NSGA-II)
 
 
@@ -136,7 +132,6 @@ class Budget(_Strict):
     top_k: int = Field(5, ge=1)  # candidates re-scored on the select split
     baselines: bool = True
     grid_points: int = Field(5, ge=2)
-    batch_size: int = Field(64, ge=1)
 
 
 @dataclass(frozen=True)
@@ -158,7 +153,8 @@ class SearchSpace(_Strict):
     models: tuple[ModelRef, ...]
     base: ModelRef | None = None
     tokenizer: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # merges computed in
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None  # scored and exported in
     methods: tuple[MethodSpace, ...]
     objective: Objective
     budget: Budget = Budget()
@@ -236,10 +232,17 @@ class SearchSpace(_Strict):
         dims = self.all_dimensions()
         return bool(dims) and all(d.choices is None for d in dims)
 
+    @property
+    def score_dtype(self) -> str:
+        """The dtype of the model that is scored, and that best.yaml exports."""
+        return self.out_dtype or self.dtype
+
     def fingerprint(self) -> str:
-        """Hash of what defines the trials (models, methods, objective, dtype); not the budget, so a
-        resumed run may raise --trials or change the sampler."""
-        data = self.model_dump(mode="json", include={"models", "base", "dtype", "methods", "objective"})
+        """Hash of what defines the trials (models, methods, objective tasks, dtype); not the budget, so
+        a resumed run may raise --trials or change the sampler. The splits and the protocol are compared
+        separately on resume (`search/record.py`), so that a refusal can name what changed."""
+        data = self.model_dump(mode="json", include={"models", "base", "dtype", "out_dtype", "methods"})
+        data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol"})
         data["limit"] = self.budget.limit
         data["fidelity"] = self.budget.fidelity.limit if self.budget.fidelity else None
         blob = json.dumps(data, sort_keys=True).encode()
@@ -278,10 +281,22 @@ class _RawTask(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
+class _RawSplits(_Strict):
+    """`{carve: {search: .6, select: .2, report: .2}, seed: 0}` (evomerge carves un-split tasks), or
+    `{search: search, select: select, report: report}` (tasks already split: `T_<name>`)."""
+
+    carve: Carve | None = None
+    seed: int = 0
+    search: str | None = None
+    select: str | None = None
+    report: str | None = None
+
+
 class _RawObjective(_Strict):
     tasks: list[_RawTask | str] = Field(min_length=1)
     tasks_dir: str | None = None
-    splits: Splits = Splits()
+    splits: _RawSplits | None = None
+    protocol: ScoringProtocol = ScoringProtocol()
     multi_objective: bool = False
 
 
@@ -290,7 +305,8 @@ class _RawSpace(_Strict):
     models: list[_RawModel | str] = Field(min_length=1)
     base_model: str | None = None
     tokenizer: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None  # default: the sources' dtype
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     method: str | list[str]
     parameters: dict[str, dict[str, Any]] = {}
     objective: _RawObjective
@@ -313,6 +329,17 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
                           fix="check indentation and quoting") from None
     return space_from_dict(data, source=str(path), root=p.resolve().parent, default_name=p.stem)
+
+
+def is_space_file(path: str | Path) -> bool:
+    """True when `path` reads as a search space (a mapping with an `objective`), not a merge recipe."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "objective" in data
 
 
 def space_from_dict(
@@ -388,7 +415,8 @@ def space_from_dict(
         models=tuple(models),
         base=base,
         tokenizer=tokenizer,
-        dtype=raw.dtype,
+        dtype=raw.dtype or _source_dtype(base or models[0]),
+        out_dtype=raw.out_dtype,
         methods=tuple(space_methods),
         objective=objective,
         budget=raw.search,
@@ -445,8 +473,37 @@ def _objective(raw: _RawObjective, root: Path, source: str) -> Objective:
     if not raw.multi_objective and sum(t.weight for t in tasks) <= 0:
         raise ConfigError("the task weights sum to zero", where=f"{source}: objective.tasks",
                           fix="give at least one task a positive weight")
-    return Objective(tasks=tuple(tasks), tasks_dir=tasks_dir, splits=raw.splits,
-                     multi_objective=raw.multi_objective)
+    return Objective(tasks=tuple(tasks), tasks_dir=tasks_dir, splits=_splits(raw.splits, source, toy=raw.tasks_dir == "toy"),
+                     protocol=raw.protocol, multi_objective=raw.multi_objective)
+
+
+def _splits(raw: _RawSplits | None, source: str, *, toy: bool = False) -> SplitSpec:
+    """The split rule; omitted, evomerge carves (the toy family's tasks come already split)."""
+    if raw is None:
+        return SplitSpec(mode="named") if toy else SplitSpec()
+    names = {r: getattr(raw, r) for r in ("search", "select", "report") if getattr(raw, r) is not None}
+    if names and (raw.carve is not None or raw.seed != 0):
+        raise ConfigError("give either split names (search/select/report) or carve (with seed), not both",
+                          where=f"{source}: objective.splits",
+                          fix="carve: {search: 0.6, select: 0.2, report: 0.2} splits un-split tasks; "
+                              "names say the tasks are already split as <task>_<name>")
+    if names:
+        full = {r: names.get(r, r) for r in ("search", "select", "report")}
+        if len(set(full.values())) < 3:
+            raise ConfigError(f"two split roles name the same split ({full})", where=f"{source}: objective.splits",
+                              fix="give search, select and report three different splits")
+        return SplitSpec(mode="named", names=full)
+    return SplitSpec(mode="carve", fractions=raw.carve or Carve(), seed=raw.seed)
+
+
+def _source_dtype(model: ModelRef) -> str:
+    """The dtype a model folder declares (config.json `dtype` / `torch_dtype`), else float32."""
+    try:
+        config = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    value = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return value if value in ("float32", "float16", "bfloat16", "float64") else "float32"
 
 
 def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[ModelRef, ...]]:
@@ -645,7 +702,8 @@ def _validation_error(exc: ValidationError, source: str) -> ConfigError:
         key = str(err["loc"][-1])
         known = {
             "": _RawSpace.model_fields, "objective": _RawObjective.model_fields, "search": Budget.model_fields,
-            "splits": Splits.model_fields, "tasks": _RawTask.model_fields, "models": _RawModel.model_fields,
+            "splits": _RawSplits.model_fields, "protocol": ScoringProtocol.model_fields,
+            "carve": Carve.model_fields, "tasks": _RawTask.model_fields, "models": _RawModel.model_fields,
             "fidelity": Fidelity.model_fields,
         }
         section = next((str(p) for p in reversed(err["loc"][:-1]) if isinstance(p, str) and str(p) in known), "")

@@ -132,12 +132,13 @@ def create_study(
     seed: int | None = None,
     workers: int = 1,
     study_name: str = STUDY_NAME,
+    record: dict | None = None,
 ) -> tuple[optuna.Study, dict]:
     """Create the study, or load it when `storage` already holds one for this space.
 
     Returns (study, info) where info has `resumed` (bool), `sampler` (name), `requeued` (trial
     numbers found RUNNING and marked FAIL). Raises ConfigError when the stored study belongs to a
-    different space.
+    different space, or (`record`, from `record.protocol_record`) one scored under another protocol.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = space.budget.seed if seed is None else seed
@@ -160,8 +161,18 @@ def create_study(
                 where=storage,
                 fix="use another --out (or --storage), or the space that made this study",
             )
+        if record is not None:
+            from evomerge.search.record import RECORD_ATTR, check_resume
+
+            check_resume(study.user_attrs.get(RECORD_ATTR), record, where=storage)
+            if RECORD_ATTR not in study.user_attrs:
+                study.set_user_attr(RECORD_ATTR, record)
         info["requeued"] = _fail_abandoned(study)
     else:
+        if record is not None:
+            from evomerge.search.record import RECORD_ATTR
+
+            study.set_user_attr(RECORD_ATTR, record)
         study.set_user_attr("space_fingerprint", space.fingerprint())
         study.set_user_attr("space_name", space.name)
         study.set_user_attr("seed", seed)

@@ -84,6 +84,8 @@ def build_recipe(space: SearchSpace, params: Params):
         models.append({"model": m.path, **({"parameters": mparams} if mparams else {})})
     glob = {spec.name: _setting(space, method, spec, None, params) for spec in global_specs}
     data: dict[str, Any] = {"merge_method": method, "models": models, "dtype": space.dtype}
+    if space.out_dtype:
+        data["out_dtype"] = space.out_dtype
     if base is not None:
         data["base_model"] = base.path
     if glob:
@@ -120,7 +122,7 @@ def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
     for m in parents:
         recipe = MergeRecipe.from_dict(
             {"merge_method": "linear", "models": [{"model": m.path, "parameters": {"weight": 1.0}}],
-             "dtype": space.dtype}
+             "dtype": space.dtype, **({"out_dtype": space.out_dtype} if space.out_dtype else {})}
         )
         out.append((f"parent:{m.name}", recipe))
     return out
