@@ -228,11 +228,19 @@ def test_group_task_and_explicit_named_splits(tasks_dir, tmp_path):
     assert set(ev.sizes("report")) == {"my_up", "my_rev"}
     res = ev.evaluate(model, "report", limit=10)
     assert "exact_match" in res.metrics["my_skills"] and res.samples == {"my_up": 10, "my_rev": 10}
-    # the up expert is good at up and bad at rev: the group is the mean of the two
-    full = ev.evaluate(model, "select")
-    assert 0.0 <= full.metrics["my_skills"]["exact_match"] <= 1.0
+    # the group's score is the unweighted mean of its members, scored on the same carved items
+    group = ev.evaluate(model, "select").metrics["my_skills"]["exact_match"]
+    members = LMEvalEvaluator(tok, ["my_up", "my_rev"], str(tasks_dir), splits=SplitSpec(seed=4))
+    assert members.sizes("select") == ev.sizes("select")  # carving is per item, not per task list
+    m = members.evaluate(model, "select").metrics
+    up, rev = m["my_up"]["exact_match"], m["my_rev"]["exact_match"]
+    assert up > rev  # the up expert is better at its own skill
+    assert group == pytest.approx((up + rev) / 2)
     named = LMEvalEvaluator(tok, ["toy_up"], str(fam.tasks_dir), splits=SplitSpec(mode="named"))
     assert named.sizes("report") == {"toy_up_report": 300}
+    # the record hashes the task YAML, the YAML it includes (generation settings) and the data
+    files = named.record()["toy_up_report"]["files"]
+    assert set(files) == {"toy_up_report.yaml", "_toy_common.yaml", "up_report.jsonl"}, files
 
 
 @pytest.mark.parametrize("tasks, extra, where, message", [

@@ -59,11 +59,6 @@ class Evaluator(Protocol):
     def evaluate(self, model: Any, split: str, *, limit: int | None = None, seed: int = 0) -> EvalResult: ...
 
 
-def task_name(task: str, split: str) -> str:
-    """The lm-eval task of `task` on `split`."""
-    return f"{task}_{split}"
-
-
 def subset(size: int, limit: int | None, seed: int, task: str) -> list[int] | None:
     """Seeded random indices (sorted) of `limit` items out of `size`; None means all of them."""
     if limit is None or limit >= size:
@@ -217,13 +212,11 @@ class LMEvalEvaluator:
             raise ConfigError(f"unknown split {split!r}", where="evaluate", fix=f"use one of {', '.join(carving.ROLES)}")
         if split in self._views:
             return self._views[split]
-        if self.splits.mode == "carve":
-            if not self._views:
-                view = self._load([self.splits.task_name(t, "search") for t in self.tasks], None)
-                for role in carving.ROLES:
-                    self._views[role] = view
+        names = [self.splits.task_name(t, split) for t in self.tasks]
+        if self.splits.mode == "carve":  # one load serves every split
+            self._views.update(dict.fromkeys(carving.ROLES, self._load(names, None)))
         else:
-            self._views[split] = self._load([self.splits.task_name(t, split) for t in self.tasks], split)
+            self._views[split] = self._load(names, split)
         return self._views[split]
 
     def _load(self, names: list[str], role: str | None) -> _View:
@@ -309,8 +302,10 @@ class LMEvalEvaluator:
         out: dict[str, Any] = {}
         for role in carving.ROLES:
             for name, leaf in self.view(role).leaves.items():
-                row = out.setdefault(name, {"splits": {}, "fewshot_source": leaf.fewshot_source,
-                                            "files": _task_files(self._manager, name, leaf.task)})
+                if name not in out:  # a carved task is a leaf of every split: hash its files once
+                    out[name] = {"splits": {}, "fewshot_source": leaf.fewshot_source,
+                                 "files": _task_files(self._manager, name, leaf.task)}
+                row = out[name]
                 row["splits"][role] = {"items": len(leaf.carving.indices[role]), "ids": leaf.carving.ids_hash(role)}
                 if leaf.carving.fewshot:
                     row["splits"]["fewshot_pool"] = {"items": len(leaf.carving.fewshot),
@@ -368,15 +363,32 @@ def _prompts(logged: dict[str, list[dict]]) -> dict[str, dict[int, list[str]]]:
     return out
 
 
+def _yaml_chain(path: str) -> list[str]:
+    """A task YAML and the files it `include:`s (relative to it), transitively: the settings that
+    decide a score may sit in a shared include (the toy tasks' generation settings do)."""
+    import re
+
+    out, todo = [], [path]
+    while todo:
+        f = todo.pop()
+        if f in out or not os.path.isfile(f):
+            continue
+        out.append(f)
+        with open(f, encoding="utf-8") as fh:
+            for inc in re.findall(r"^include:\s*['\"]?([^'\"#\s]+)", fh.read(), flags=re.M):
+                todo.append(inc if os.path.isabs(inc) else os.path.join(os.path.dirname(f), inc))
+    return out
+
+
 def _task_files(manager, name: str, task) -> dict[str, str]:
-    """sha256 of the task's YAML file (and the files it includes from its folder) and of its local data files."""
+    """sha256 of the task's YAML file, the YAML files it includes, and its local data files."""
     import hashlib
 
     files = []
     entry = getattr(manager, "task_index", {}).get(name) if manager is not None else None
     yaml_path = getattr(entry, "yaml_path", None) if entry is not None else None
     if yaml_path:
-        files.append(str(yaml_path))
+        files += _yaml_chain(str(yaml_path))
     kwargs = getattr(task.config, "dataset_kwargs", None) or {}
     base = os.path.dirname(str(yaml_path)) if yaml_path else "."
     for key in ("data_files", "data_file", "data_dir"):

@@ -296,17 +296,13 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 
 
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
-                      key: Callable[[Candidate], str], log: Callable, study=None) -> None:
+                      key: Callable[[Candidate], str], log: Callable) -> None:
     """Score candidates (not already in `cache`) on `split`, full split, through the executor."""
     from evomerge.search.score import ScoreError, mixture, task_values
 
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
-        if split == "report" and study is not None:
-            from evomerge.search.record import note_report
-
-            note_report(study, [c.label for c in pending])
     jobs = {}
     queue = list(enumerate(pending))
     while queue or jobs:
@@ -378,7 +374,12 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     report = [winner] + [by_number[t.number] for t in baselines.values() if t.number != winner.trial]
     for label, recipe in parent_recipes(space):
         report.append(Candidate(label, None, recipe))
-    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log, study=study)
+    unscored = [c.label for c in report if c.label not in report_cache]
+    if unscored:  # every touch of the report split is logged (it should happen once per run)
+        from evomerge.search.record import note_report
+
+        note_report(study, unscored)
+    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log)
     report_cache["_winner"] = winner.trial
     study.set_user_attr(REPORT_ATTR, report_cache)
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
@@ -501,12 +502,10 @@ def validate_space(path: str | Path) -> str:
     """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
     sizes, protocol). Writes nothing."""
     from evomerge.search.record import protocol_lines, splits_text
-
     from evomerge.search.space import load_space
 
     space = load_space(path)
-    worker, record = preflight(space)
-    del worker
+    _, record = preflight(space)
     obj = space.objective
     lines = [f"ok: {path}",
              f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
@@ -517,8 +516,10 @@ def validate_space(path: str | Path) -> str:
 
 
 def _check_sizes(space: SearchSpace, ev, src: str) -> None:
+    from evomerge.evaluation.splits import ROLES
+
     b = space.budget
-    for role in ("search", "select", "report"):
+    for role in ROLES:
         for task, n in ev.sizes(role).items():
             if n == 0:
                 raise ConfigError(f"the {role} split of task {task!r} is empty", where=f"{src}: objective.splits",

@@ -68,6 +68,11 @@ def note_report(study, labels: list[str]) -> list[dict]:
     return log
 
 
+def stored(study) -> tuple[dict | None, list[dict]]:
+    """The record and the report log kept in a study."""
+    return study.user_attrs.get(RECORD_ATTR), list(study.user_attrs.get(REPORT_LOG_ATTR, []))
+
+
 def splits_text(space) -> str:
     """One line saying how the splits are made."""
     sp = space.objective.splits

@@ -22,7 +22,7 @@ from typing import Any
 
 from evomerge import __version__
 from evomerge.evaluation.splits import ROLES
-from evomerge.search.record import REPORT_LOG_ATTR, RECORD_ATTR, protocol_lines, splits_text
+from evomerge.search.record import protocol_lines, splits_text, stored
 
 DASHBOARD_HINT = "pip install optuna-dashboard && optuna-dashboard {storage}"
 
@@ -98,7 +98,7 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
         if s:
             tasks = ", ".join(f"{k}={_fmt(v)}" for k, v in (s.get("tasks") or {}).items())
             lines.append(f"score on {split}: {_fmt(s.get('score'))} ({tasks})")
-    lines += protocol_lines(study.user_attrs.get(RECORD_ATTR), study.user_attrs.get(REPORT_LOG_ATTR))
+    lines += protocol_lines(*stored(study))
     lines.append("sources (sha256 of config.json + *.safetensors):")
     lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
     from evomerge.engine.merge import merge_threads
@@ -152,10 +152,9 @@ def report_md(result, storage: str, plots: list[str]) -> str:
                                           for t in space.objective.tasks)
                + (" (multi-objective)" if space.objective.multi_objective else ""))
     out.append("- splits: " + splits_text(space) + (f"; search limit {space.budget.limit}" if space.budget.limit else "")
-               + f"; select: top {space.budget.top_k} + baselines; report: scored once")
+               + f"; select: top {space.budget.top_k} + baselines; report: winner, baselines, parents")
     out.append(f"- wall time this invocation: {result.seconds:.1f} s")
-    out += [f"- {line}" for line in protocol_lines(study.user_attrs.get(RECORD_ATTR),
-                                                     study.user_attrs.get(REPORT_LOG_ATTR))]
+    out += [f"- {line}" for line in protocol_lines(*stored(study))]
     if w is not None:
         out.append(f"- winner: **{w.label}** -> `best.yaml` (`evomerge merge best.yaml OUT` rebuilds it)")
     out.append("")
@@ -332,7 +331,6 @@ def write_run(result, *, storage: str) -> None:
         hashes = source_hashes(list(dict.fromkeys(paths)), out / "sources.json")
         atomic_write(out / "best.yaml", best_yaml(result, storage, hashes))
     atomic_write(out / "report.md", report_md(result, storage, plots))
-    study = result.study
-    record = {"space": space.name, "record": study.user_attrs.get(RECORD_ATTR),
-              "report_evaluations": study.user_attrs.get(REPORT_LOG_ATTR, [])}
+    record, report_log = stored(result.study)
+    record = {"space": space.name, "record": record, "report_evaluations": report_log}
     atomic_write(out / "record.json", json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -161,18 +161,15 @@ def create_study(
                 where=storage,
                 fix="use another --out (or --storage), or the space that made this study",
             )
-        if record is not None:
-            from evomerge.search.record import RECORD_ATTR, check_resume
+    if record is not None:  # before any trial is requeued or enqueued: a refusal changes nothing
+        from evomerge.search.record import RECORD_ATTR, check_resume
 
-            check_resume(study.user_attrs.get(RECORD_ATTR), record, where=storage)
-            if RECORD_ATTR not in study.user_attrs:
-                study.set_user_attr(RECORD_ATTR, record)
+        check_resume(study.user_attrs.get(RECORD_ATTR), record, where=storage)
+        if RECORD_ATTR not in study.user_attrs:  # a new study, or one made before records existed
+            study.set_user_attr(RECORD_ATTR, record)
+    if existing:
         info["requeued"] = _fail_abandoned(study)
     else:
-        if record is not None:
-            from evomerge.search.record import RECORD_ATTR
-
-            study.set_user_attr(RECORD_ATTR, record)
         study.set_user_attr("space_fingerprint", space.fingerprint())
         study.set_user_attr("space_name", space.name)
         study.set_user_attr("seed", seed)
