@@ -98,7 +98,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "search",
         help="search merge recipes with Optuna, scored in memory by lm-eval",
         description="Search merge recipes with Optuna. Running the same command again resumes the "
-        "study in OUT and completes the budget. Flags override the space file's `search:` section.",
+        "study in OUT and completes the budget with the settings it was made with; flags override the space "
+        "file's `search:` section, and on resume the study's.",
     )
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, help="budget: finished trials in the study (default: the space's)")
@@ -117,6 +118,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker")
     p.add_argument("--evaluator", help=argparse.SUPPRESS)  # module:callable, for tests and plug-ins
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--reopen-report", action="store_true",
+                   help="allow more trials after the report split was evaluated (the report says so)")
     p.set_defaults(func=_run_search)
 
 

@@ -215,3 +215,22 @@ def test_user_mistakes_exit_2_fast(tmp_path):
     assert trials0.returncode == 2 and "--trials" in trials0.stderr
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "o").exists()  # nothing was created before the error
+
+
+def test_cli_resume_keeps_settings_and_guards_the_report(tmp_path, capsys):
+    """Through the CLI: a re-run without flags keeps the study's --trials and --sampler (the file says
+    otherwise), says so and re-scores nothing; --trials more after the report is exit 2 naming
+    --reopen-report, and the study is unchanged."""
+    space = space_file(tmp_path, SLERP.replace("limit: 48", "limit: 8").replace("top_k: 3", "top_k: 1"))
+    out = tmp_path / "run"
+    assert main(["search", str(space), "--out", str(out), "--no-progress", "--trials", "3", "--sampler", "random"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "resumed with the study's trials 3 (the space file says 16; pass --trials 16" in said
+    assert "resumed with the study's sampler random" in said
+    assert len(load(out).trials) == 3
+    assert main(["search", str(space), "--out", str(out), "--no-progress", "--trials", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "report split of this run was already evaluated" in err and "--reopen-report" in err
+    assert len(load(out).trials) == 3

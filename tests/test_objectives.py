@@ -10,9 +10,7 @@ unknown task, metric and split mistakes exit 2 before anything is written."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,73 +18,14 @@ import pytest
 from evomerge.cli import main
 from evomerge.evaluation.evaluate import LMEvalEvaluator
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
+from localtasks import write_tasks
 
 CALLS: list[tuple[str, int | None]] = []  # (split, limit) of every evaluate call of the counting plug-in
 
 
-def words(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out
-
-
-GEN_TASK = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {file}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-fewshot_delimiter: "\\n"
-generation_kwargs: {{until: ["\\n"], max_gen_toks: 8, do_sample: false}}
-metric_list:
-  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
-metadata: {{version: 1.0}}
-"""
-
-
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tasks")
-    up = [{"prompt": f"up {w}=", "answer": w.upper()} for w in words(150, 1)]
-    rev = [{"prompt": f"rev {w}=", "answer": w[::-1]} for w in words(150, 2)]
-    for name, rows in (("up", up), ("rev", rev)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / f"my_{name}.yaml").write_text(GEN_TASK.format(name=f"my_{name}", file=d / f"{name}.jsonl"))
-    (d / "my_skills.yaml").write_text(textwrap.dedent("""\
-        group: my_skills
-        task: [my_up, my_rev]
-        aggregate_metric_list:
-          - {metric: exact_match, aggregation: mean, weight_by_size: false}
-        metadata: {version: 1.0}
-        """))
-    # lm-eval's own arc_easy YAML, its dataset pointed at local JSON with the same fields
-    import lm_eval
-
-    arc = (Path(lm_eval.__file__).parent / "tasks" / "arc" / "arc_easy.yaml").read_text()
-    rng = random.Random(5)
-    for split, n in (("train", 20), ("validation", 10), ("test", 60)):
-        rows = []
-        for i in range(n):
-            w = words(4, 100 + i + 1000 * len(split))
-            k = rng.randrange(4)
-            rows.append({"id": f"{split}-{i}", "question": f"{k + 1} of {' '.join(w)}?",
-                         "choices": {"text": w, "label": list("ABCD")}, "answerKey": "ABCD"[k]})
-        (d / f"arc_{split}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    arc = arc.replace("dataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\n",
-                      "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                      + "".join(f"    {s}: {d / f'arc_{s}.json'}\n" for s in ("train", "validation", "test")))
-    assert "dataset_path: json" in arc
-    (d / "arc_easy.yaml").write_text(arc)
-    return d
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def space_yaml(tmp: Path, tasks_dir: Path, *, extra: str = "", tasks: str | None = None, trials: int = 3,
@@ -254,6 +193,8 @@ def test_group_task_and_explicit_named_splits(tasks_dir, tmp_path):
      "objective.splits.carve", "did you mean 'select'"),
     ("    - {task: my_up, metric: exact_match}\n", "  protocol: {num_fewshots: 2}\n",
      "objective.protocol", "did you mean 'num_fewshot'"),
+    ("    - {task: my_up, metric: exact_match}\n", "  protocol: {apply_chat_template: true}\n",
+     "objective.protocol.apply_chat_template", "has no chat template"),
 ])
 def test_setup_mistakes_exit_2_before_anything_is_written(tmp_path, tasks_dir, capsys, tasks, extra, where, message):
     space = space_yaml(tmp_path, tasks_dir, tasks=tasks, extra=extra)
@@ -278,3 +219,44 @@ def test_validate_prints_the_objective(tmp_path, tasks_dir, capsys):
     out = capsys.readouterr().out
     assert "my_up/exact_match" in out and "arc_easy/acc_norm" in out
     assert "carved by content hash" in out and "items my_up: search" in out and "num_fewshot 0" in out
+
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_template_system_instruction_and_multiturn_fewshot(tmp_path, tasks_dir, capsys):
+    """`apply_chat_template` with a system instruction and few-shot as turns: every prompt, generation
+    and multiple choice, is the tokenizer's chat rendering; a search through the CLI runs with it and
+    writes it into the run record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.toy.family import family
+
+    fam = family()
+    tok = AutoTokenizer.from_pretrained(fam.tokenizer)
+    tok.chat_template = CHAT
+    tok.save_pretrained(tmp_path / "chat_tok")
+    model = AutoModelForCausalLM.from_pretrained(fam.experts["up"])
+    protocol = ScoringProtocol(num_fewshot=2, apply_chat_template=True, fewshot_as_multiturn=True,
+                               system_instruction="Be brief.")
+    ev = LMEvalEvaluator(tok, ["my_up", "arc_easy"], str(tasks_dir), splits=SplitSpec(), protocol=protocol)
+    res = ev.evaluate(model, "search", limit=3, per_item=True)
+    for task in ("my_up", "arc_easy"):
+        prompts = [p for ps in res.prompts[task].values() for p in ps]
+        assert prompts
+        for p in prompts:
+            assert p.startswith("<system>Be brief.</system><user>") and p.endswith("<assistant>"), p
+            assert p.count("<user>") == 3 and p.count("</assistant>") == 2, p  # two shots as turns + the item
+    plain = LMEvalEvaluator(tok, ["my_up"], str(tasks_dir), splits=SplitSpec(),
+                            protocol=ScoringProtocol(num_fewshot=2)).evaluate(model, "search", limit=3, per_item=True)
+    assert not any("<user>" in p for ps in plain.prompts["my_up"].values() for p in ps)
+
+    extra = ("  protocol: {num_fewshot: 1, apply_chat_template: true, system_instruction: Be brief.}\n"
+             f"tokenizer: {tmp_path / 'chat_tok'}\n")
+    space = space_yaml(tmp_path, tasks_dir, tasks="    - {task: my_up, metric: exact_match}\n", extra=extra,
+                       trials=2, limit=8)
+    out = tmp_path / "run"
+    assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    protocol_rec = json.loads((out / "record.json").read_text())["record"]["protocol"]
+    assert protocol_rec["apply_chat_template"] is True and protocol_rec["system_instruction"] == "Be brief."

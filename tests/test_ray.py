@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -465,9 +466,16 @@ class FingerprintEvaluator:
         from transformers import AutoTokenizer
 
         from evomerge.evaluation.evaluate import LMEvalEvaluator
+        from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
         tok = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
-        self.inner = LMEvalEvaluator(tok, list(spec.tasks), spec.include_path, batch_size=spec.batch_size)
+        self.inner = LMEvalEvaluator(
+            tok, list(spec.tasks), spec.include_path, batch_size=spec.batch_size,
+            splits=SplitSpec.model_validate(spec.splits) if spec.splits else None,
+            protocol=ScoringProtocol.model_validate(spec.protocol) if spec.protocol else None)
+
+    def sizes(self, split):
+        return self.inner.sizes(split)
 
     def evaluate(self, model, split, *, limit=None, seed=0):
         import torch
@@ -478,6 +486,8 @@ class FingerprintEvaluator:
             ids = (torch.arange(24) * 7 % 200 + 3).unsqueeze(0)
             logits = float(model(ids).logits.double().sum())
         result.metrics["fingerprint"] = {"weights": weights, "logits": logits}
+        if self.inner.splits.mode == "carve":  # how many items this split has, as the actor carved it
+            result.metrics["fingerprint"]["split_items"] = float(sum(self.inner.sizes(split).values()))
         return result
 
 
@@ -550,6 +560,54 @@ def test_real_workers_on_two_nodes_equal_in_process(cluster, toy_family):
     assert len(set(fingerprints.values())) == len(jobs), "the recipes should give distinct models"
     scores = [v["exact_match"] for o in here.values() for t, v in o.metrics.items() if t != "fingerprint"]
     assert len(set(scores)) > 2, f"lm-eval scores should vary between recipes and tasks: {scores}"
+
+
+def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, tmp_path):
+    """Carved splits and a 2-shot protocol travel to the actors with the spec: a generation task over
+    one JSONL file and a multiple-choice copy of arc_easy give the same scores, item counts and model
+    on two Ray nodes as in process, on the search and the select split."""
+    from localtasks import write_tasks
+
+    from evomerge.executors.local import InProcessExecutor
+    from evomerge.executors.ray_pool import RayExecutor
+    from evomerge.search.loop import worker_spec
+    from evomerge.search.space import load_space
+
+    tasks = write_tasks(tmp_path / "tasks")
+    space = tmp_path / "space.yaml"
+    space.write_text(textwrap.dedent(f"""
+        name: ray_carved
+        models: [toy:up, toy:rev]
+        method: slerp
+        parameters: {{slerp: {{t: {{low: 0.0, high: 1.0}}}}}}
+        objective:
+          tasks_dir: {tasks}
+          tasks: [{{task: my_up, metric: exact_match}}, {{task: arc_easy, metric: acc_norm}}]
+          splits: {{carve: {{search: 0.5, select: 0.3, report: 0.2}}, seed: 7}}
+          protocol: {{num_fewshot: 2, batch_size: 8}}
+        """))
+    sp = load_space(space)
+    assert sp.objective.splits.mode == "carve"
+    spec = replace(worker_spec(sp, threads=1), evaluator="test_ray:fingerprint_evaluator")
+    up, rev = (str(toy_family.experts[s]) for s in ("up", "rev"))
+    recipes = [{"merge_method": "slerp", "base_model": up, "models": [{"model": up}, {"model": rev}],
+                "parameters": {"t": t}} for t in (0.2, 0.7)]
+    jobs = [TrialJob(number=i, recipe=r, split=split, limit=12, seed=1)
+            for i, (r, split) in enumerate((r, s) for r in recipes for s in ("search", "select"))]
+    with RayExecutor(spec, workers=2, address=cluster, timeout=120) as ex:
+        remote = {o.number: o for o in run_all(ex, jobs, timeout=300)}
+    assert all(o.ok for o in remote.values()), {n: o.error for n, o in remote.items() if not o.ok}
+    here = {o.number: o for o in run_all(InProcessExecutor(spec), jobs, timeout=300)}
+    assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
+    for n in here:
+        assert remote[n].metrics == here[n].metrics, f"job {n}: Ray and in-process results differ"
+        assert set(here[n].metrics) == {"my_up", "arc_easy", "fingerprint"}
+    carved = {split: sum(FingerprintEvaluator(spec).sizes(split).values()) for split in ("search", "select")}
+    assert carved["search"] > carved["select"] > 0 and carved["search"] < 150 + 60
+    for n, job in enumerate(jobs):
+        assert remote[n].metrics["fingerprint"]["split_items"] == carved[job.split]
+    # search and select are different items: the same model scores differently on them somewhere
+    assert any(here[2 * i].metrics != here[2 * i + 1].metrics for i in range(2))
 
 
 def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family, tmp_path):

@@ -261,3 +261,52 @@ def test_a_broken_setup_stops_early(tmp_path):
         run_search(space, tmp_path / "run", executor=ex, progress=False)
     assert "first 3 trials all failed" in str(err.value) and "planted" in str(err.value)
     assert len(ex.jobs) == 3
+
+
+def test_resume_keeps_the_studys_settings_unless_a_flag_overrides(tmp_path):
+    """Re-running without flags keeps the budget and sampler the study was made with (the space file
+    says trials 16, sampler auto); an explicit flag wins and says so."""
+    out = tmp_path / "run"
+    run_search(make_space(tmp_path, trials=4, sampler="random"), out, executor=FakeExecutor(), progress=False,
+               select=False, write=False)
+    logs = []
+    again = run_search(make_space(tmp_path), out, executor=FakeExecutor(), progress=False, select=False,
+                       write=False, log=logs.append)
+    assert len(again.study.trials) == 4 and again.space.budget.sampler == "random"
+    assert again.study.user_attrs["sampler"] == "random"
+    assert any("the study's trials 4 (the space file says 16; pass --trials 16" in line for line in logs), logs
+    assert any("the study's sampler random (the space file says auto" in line for line in logs), logs
+    logs.clear()
+    more = run_search(make_space(tmp_path, trials=6), out, executor=FakeExecutor(), progress=False, select=False,
+                      write=False, log=logs.append)
+    assert len(completed(more.study)) == 6 and more.space.budget.sampler == "random"
+    assert any("--trials 6 overrides the study's trials 4" in line for line in logs), logs
+
+
+def test_extending_a_reported_study_is_refused_unless_reopened(tmp_path):
+    """Once the report split has been evaluated, more trials could crown another winner and look at the
+    report items again: refused before any trial (nothing changes), allowed with reopen_report, and
+    the report then says the report split was evaluated twice."""
+    out = tmp_path / "run"
+    first = run_search(make_space(tmp_path, trials=4), out, executor=FakeExecutor(), progress=False)
+    assert len(first.study.user_attrs["report_evaluations"]) == 1
+    with pytest.raises(ConfigError, match="report split of this run was already evaluated") as err:
+        run_search(make_space(tmp_path, trials=8), out, executor=FakeExecutor(), progress=False)
+    assert "--reopen-report" in err.value.fix and "4 more trial(s)" in str(err.value)
+    assert len(load_study_of(out).trials) == 4
+    with pytest.raises(ConfigError, match="top-k 1 instead of 3"):
+        run_search(make_space(tmp_path, top_k=1), out, executor=FakeExecutor(), progress=False)
+    ex = FakeExecutor()
+    run_search(make_space(tmp_path), out, executor=ex, progress=False)  # same budget: nothing re-scored
+    assert ex.jobs == []
+    # a new winner is reported again, and the report says so
+    reopened = run_search(make_space(tmp_path, trials=16), out, executor=FakeExecutor(), progress=False,
+                          reopen_report=True)
+    log = reopened.study.user_attrs["report_evaluations"]
+    report = (out / "report.md").read_text()
+    assert reopened.winner.trial != first.winner.trial  # seeded: trials 4-15 hold a better candidate
+    assert len(log) == 2 and "looked at 2 times" in report
+
+
+def load_study_of(out):
+    return optuna.load_study(study_name="evomerge", storage=default_storage(out))

@@ -165,6 +165,12 @@ class LMEvalEvaluator:
         self.include_path = str(include_path) if include_path else None
         self.splits = splits or SplitSpec(mode="named")
         self.protocol = protocol or ScoringProtocol(batch_size=batch_size)
+        if self.protocol.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"apply_chat_template is true but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
+                "has no chat template", where="objective.protocol.apply_chat_template",
+                fix="set apply_chat_template: false, or name a tokenizer with a chat template (the space's "
+                    "`tokenizer:`)")
         self.batch_size = self.protocol.batch_size
         self.device = device
         self.progress = progress

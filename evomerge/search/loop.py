@@ -411,13 +411,16 @@ def run_search(
     select: bool = True,
     write: bool = True,
     log: Callable[[str], Any] = print,
+    reopen_report: bool = False,
 ) -> SearchResult:
     """Search (or resume) to the budget, select, report, and write the run folder.
 
     `executor` may be given (tests, embedding); otherwise one is made from workers/ray_address.
     `evaluator` is a "module:callable" plugged into the worker instead of lm-eval (see executors/worker.py).
+    A resumed study keeps the budget settings it was made with except those set by `space.with_overrides`
+    (the CLI's flags); `reopen_report` allows extending a study whose report split was already evaluated.
     """
-    from evomerge.search.study import create_study, default_storage
+    from evomerge.search.study import create_study, default_storage, resume_settings
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -427,6 +430,9 @@ def run_search(
         worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker)  # before anything is on disk
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
+    space, notes = resume_settings(space, storage, reopen_report=reopen_report)
+    for note in notes:
+        log(note)
     study, info = create_study(space, storage, workers=max(workers, getattr(executor, "slots", 1)), record=record)
     if info["requeued"]:
         log(f"evomerge: resumed; trials {info['requeued']} were interrupted and will run again")
@@ -535,6 +541,8 @@ def _at_task(exc: ConfigError, space: SearchSpace, src: str) -> ConfigError:
     for i, t in enumerate(space.objective.tasks):
         if f"{t.task!r}" in exc.what or f"'{t.task}_" in exc.what:
             return ConfigError(exc.what, where=f"{src}: objective.tasks[{i}].task", fix=exc.fix)
+    if exc.where.startswith("objective."):  # a field of the space file
+        return ConfigError(exc.what, where=f"{src}: {exc.where}", fix=exc.fix)
     return exc
 
 
@@ -543,14 +551,8 @@ def run_search_cli(args) -> int:
     from evomerge.search.space import load_space
 
     space = load_space(args.space)
-    space = space.with_overrides(
-        trials=getattr(args, "trials", None),
-        sampler=getattr(args, "sampler", None),
-        seed=getattr(args, "seed", None),
-        pruner=getattr(args, "pruner", None),
-        top_k=getattr(args, "top_k", None),
-        limit=getattr(args, "limit", None),
-    )
+    flags = {k: getattr(args, k, None) for k in ("trials", "sampler", "seed", "pruner", "top_k", "limit")}
+    space = space.with_overrides(**flags)
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / space.name
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1", where="--workers", fix="use --workers 1 or more")
@@ -564,6 +566,7 @@ def run_search_cli(args) -> int:
         threads_per_worker=args.threads_per_worker,
         evaluator=getattr(args, "evaluator", None),
         progress=not args.no_progress,
+        reopen_report=getattr(args, "reopen_report", False),
     )
     from evomerge.search.report import summary
 

@@ -84,8 +84,17 @@ def splits_text(space) -> str:
 
 def protocol_lines(record: dict | None, report_log: list[dict] | None = None) -> list[str]:
     """The record as short text lines (best.yaml comments, report.md)."""
-    if not record:
-        return []
+    lines = _record_lines(record) if record else []
+    if report_log is not None:
+        when = ", ".join(e["at"] for e in report_log) or "not yet"
+        lines.append(f"report split evaluated {len(report_log)} time(s): {when}")
+        if len(report_log) > 1:
+            lines.append(f"WARNING: the report split was looked at {len(report_log)} times (--reopen-report); "
+                         "its scores are no longer one held-out look")
+    return lines
+
+
+def _record_lines(record: dict) -> list[str]:
     p = record["protocol"]
     lines = [
         f"protocol: num_fewshot {p['num_fewshot']}, apply_chat_template {p['apply_chat_template']}, "
@@ -98,7 +107,4 @@ def protocol_lines(record: dict | None, report_log: list[dict] | None = None) ->
         files = ", ".join(f"{k} {v}" for k, v in row.get("files", {}).items())
         lines.append(f"items {task}: " + ", ".join(parts) + f"; few-shot from {row['fewshot_source']}"
                      + (f"; files {files}" if files else ""))
-    if report_log is not None:
-        when = ", ".join(e["at"] for e in report_log) or "not yet"
-        lines.append(f"report split evaluated {len(report_log)} time(s): {when}")
     return lines

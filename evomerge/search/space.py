@@ -158,6 +158,7 @@ class SearchSpace(_Strict):
     methods: tuple[MethodSpace, ...]
     objective: Objective
     budget: Budget = Budget()
+    overridden: frozenset[str] = frozenset()  # budget fields set by `with_overrides` (flags): they win on resume
 
     # -- queries ----------------------------------------------------------------------------------
     @property
@@ -263,7 +264,7 @@ class SearchSpace(_Strict):
             raise ConfigError(
                 err["msg"], where=f"--{field.replace('_', '-')}", fix="see `evomerge search --help`"
             ) from None
-        space = self.model_copy(update={"budget": budget})
+        space = self.model_copy(update={"budget": budget, "overridden": self.overridden | set(changes)})
         _check_budget(space, "command line")
         return space
 

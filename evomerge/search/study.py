@@ -173,11 +173,62 @@ def create_study(
         study.set_user_attr("space_fingerprint", space.fingerprint())
         study.set_user_attr("space_name", space.name)
         study.set_user_attr("seed", seed)
+        study.set_user_attr(BUDGET_ATTR, space.budget.model_dump(mode="json", include=set(_KEPT)) | {"seed": seed})
         if space.budget.baselines and name != "grid":
             for label, params in baseline_params(space):
                 study.enqueue_trial(params, user_attrs={ROLE: label}, skip_if_exists=True)
     study.set_user_attr("sampler", name)
     return study, info
+
+
+BUDGET_ATTR = "budget"  # study user attribute: the search settings the study was created with
+_KEPT = ("trials", "sampler", "seed", "pruner", "top_k", "baselines", "grid_points")
+FLAGS = {"trials": "--trials", "sampler": "--sampler", "seed": "--seed", "pruner": "--pruner", "top_k": "--top-k"}
+
+
+def resume_settings(
+    space: SearchSpace, storage: str, *, reopen_report: bool = False, study_name: str = STUDY_NAME,
+) -> tuple[SearchSpace, list[str]]:
+    """The space to resume with: a stored study keeps the settings it was created with (budget, sampler,
+    seed, pruner, top-k, baselines), unless a flag overrides one (`space.overridden`, set by
+    `with_overrides`). Returns the space
+    and one note per setting that differs from the space file. Refuses to extend the search (more trials,
+    another top-k) once the report split has been evaluated, unless `reopen_report`: a second report
+    would look at the held-out items again. Changes nothing in the storage."""
+    from evomerge.search.record import REPORT_LOG_ATTR
+
+    if not _existing(storage, study_name):
+        return space, []
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    stored = study.user_attrs.get(BUDGET_ATTR)
+    notes, keep = [], {}
+    current = space.budget.model_dump(mode="json")
+    for key, value in (stored or {}).items():
+        if key not in current or current[key] == value:
+            continue
+        if key in space.overridden:
+            notes.append(f"evomerge: {FLAGS[key]} {current[key]} overrides the study's {key} {value}")
+            continue
+        keep[key] = value
+        how = f"pass {FLAGS[key]} {current[key]} to change it" if key in FLAGS else "fixed when the study was made"
+        notes.append(f"evomerge: resumed with the study's {key} {value} (the space file says {current[key]}; {how})")
+    if keep:
+        space = space.model_copy(update={"budget": space.budget.model_copy(update=keep)})
+    log = study.user_attrs.get(REPORT_LOG_ATTR, [])
+    if log and not reopen_report:
+        more = space.budget.trials > finished_count(study)
+        other_k = stored is not None and space.budget.top_k != stored.get("top_k")
+        if more or other_k:
+            what = (f"{space.budget.trials - finished_count(study)} more trial(s)" if more
+                    else f"top-k {space.budget.top_k} instead of {stored.get('top_k')}")
+            raise ConfigError(
+                f"the report split of this run was already evaluated ({log[0]['at']}); {what} could pick "
+                "another winner and look at the held-out report items a second time",
+                where=storage,
+                fix="start a new run (another --out) for a larger search, or pass --reopen-report to accept "
+                    "a second look (the report then says how often the report split was evaluated)",
+            )
+    return space, notes
 
 
 def _existing(storage: str, study_name: str) -> bool:
