@@ -15,6 +15,10 @@ from evomerge.errors import EvomergeError
 
 
 # --- merge / validate (merge engine) -------------------------------------------------------------
+TRUST_HELP = ("accept source models with their own Python code (config.json auto_map): search loads them "
+              "with it, merge copies the code next to the merged config")
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge models as a mergekit YAML recipe says, into OUT")
     p.add_argument("config", help="mergekit-style YAML recipe")
@@ -26,11 +30,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the arithmetic (default 2, or $EVOMERGE_MERGE_THREADS); use the "
                         "search's value to reproduce its candidates bit for bit")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_run_merge)
 
     v = sub.add_parser("validate", help="check a recipe (or a search space) without merging or searching")
     v.add_argument("config", help="mergekit-style YAML recipe, or a search space (prints its objective)")
+    v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.set_defaults(func=_run_validate)
+
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -44,6 +51,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         threads=args.threads,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -54,11 +62,11 @@ def _run_validate(args: argparse.Namespace) -> int:
     if is_space_file(args.config):
         from evomerge.search.loop import validate_space
 
-        print(validate_space(args.config))
+        print(validate_space(args.config, trust_remote_code=args.trust_remote_code))
         return 0
     from evomerge.engine.merge import validate_config
 
-    print(validate_config(args.config))
+    print(validate_config(args.config, trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -118,6 +126,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker")
     p.add_argument("--evaluator", help=argparse.SUPPRESS)  # module:callable, for tests and plug-ins
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show transformers', datasets' and lm-eval's own progress bars and warnings")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--reopen-report", action="store_true",
                    help="allow more trials after the report split was evaluated (the report says so)")
     p.set_defaults(func=_run_search)

@@ -35,22 +35,3 @@ class CheckpointError(EvomergeError):
 
 class OutputError(EvomergeError):
     """The output location cannot be used (exists and is not empty, not writable)."""
-
-
-def read_config_text(path, *, what: str, missing_fix: str) -> str:
-    """Read a UTF-8 YAML file the user named; a missing or unreadable file is a ConfigError naming it.
-
-    `what` names the file in the message ("recipe file", "search space file").
-    """
-    from pathlib import Path
-
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found", where=str(path), fix=missing_fix) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"cannot read the {what} ({type(exc).__name__})",
-            where=str(path),
-            fix="pass a readable UTF-8 YAML file",
-        ) from None

@@ -23,13 +23,14 @@ PKG = Path(__file__).resolve().parents[1] / "evomerge"
 ALLOWED: dict[str, set[str]] = {
     "root": set(),
     "errors": set(),
-    "engine": {"root", "errors"},
-    "toy": {"root", "errors"},
-    "evaluation": {"root", "errors", "engine"},
-    "moe": {"root", "errors", "engine"},
-    "executors": {"root", "errors", "engine", "evaluation", "moe"},
-    "search": {"root", "errors", "engine", "evaluation", "moe", "executors", "toy"},
-    "cli": {"root", "errors", "engine", "evaluation", "moe", "executors", "search", "toy"},
+    "yamlfile": {"errors"},
+    "engine": {"root", "errors", "yamlfile"},
+    "toy": {"root", "errors", "yamlfile"},
+    "evaluation": {"root", "errors", "yamlfile", "engine"},
+    "moe": {"root", "errors", "yamlfile", "engine"},
+    "executors": {"root", "errors", "yamlfile", "engine", "evaluation", "moe"},
+    "search": {"root", "errors", "yamlfile", "engine", "evaluation", "moe", "executors", "toy"},
+    "cli": {"root", "errors", "yamlfile", "engine", "evaluation", "moe", "executors", "search", "toy"},
 }
 # third-party top-level package -> the module paths (relative to evomerge/, as a prefix) that may import it
 HOMES: dict[str, tuple[str, ...]] = {

@@ -120,6 +120,11 @@ BAD = {
     "missing weight": (TIES.replace("weight: 0.5, density: 0.7", "density: 0.7"),
                        ["models[1].parameters.weight", "missing required parameter 'weight'"]),
     "union tokenizer": (TIES + "tokenizer_source: union\n", ["tokenizer_source", "not supported"]),
+    "duplicate key": (TIES + "parameters: {{normalize: true}}\nparameters: {{int8_mask: true}}\n",
+                      ["recipe.yaml:10", "key 'parameters' is given twice (lines 9 and 10)", "merge the two"]),
+    "linear weights sum zero": ("merge_method: linear\nmodels:\n  - model: {e0}\n    parameters: {{weight: 1.0}}\n"
+                                "  - model: {e1}\n    parameters: {{weight: -1.0}}\n",
+                                ["linear weights sum to zero for tensor", "normalize: false"]),
 }
 
 
@@ -210,3 +215,40 @@ def test_tokenizer_source_missing(fam, tmp_path, capsys):
     code, _, err = run(capsys, "merge", p, tmp_path / "out", "--no-progress")
     assert code == 2 and "tokenizer_source" in err and "not found" in err
     assert not (tmp_path / "out").exists()
+
+
+def _custom_code(tmp_path, fam, *, with_file: bool = True):
+    """A copy of an expert whose config names its own code, as trust_remote_code checkpoints do."""
+    d = tmp_path / "custom"
+    shutil.copytree(fam.experts[1], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    if with_file:
+        (d / "configuration_tiny.py").write_text("# config code\n")
+        (d / "modeling_tiny.py").write_text("# model code\n")
+    return d
+
+
+def test_custom_code_is_refused_unless_trusted_and_then_copied(fam, tmp_path, capsys):
+    custom = _custom_code(tmp_path, fam)
+    # the custom model donates the config (first listed), so the merged config keeps its auto_map
+    text = TIES.replace("base_model: {base}", "base_model: {custom}").replace("{e1}", "{custom}")
+    p = recipe(tmp_path, text, fam, custom=custom)
+    out = tmp_path / "out"
+    for command in (["validate", p], ["merge", p, out, "--no-progress"]):
+        code, _, err = run(capsys, *command)
+        assert code == 2, err
+        assert "needs its own code (config.json auto_map: configuration_tiny, modeling_tiny)" in err
+        assert "--trust-remote-code" in err and "base_model" in err
+        assert not out.exists()
+    code, _, err = run(capsys, "merge", p, out, "--no-progress", "--trust-remote-code")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_tiny.TinyForCausalLM"
+    assert (out / "modeling_tiny.py").read_text() == "# model code\n" and (out / "configuration_tiny.py").is_file()
+    missing = _custom_code(tmp_path / "second", fam, with_file=False)
+    p2 = recipe(tmp_path, TIES.replace("{e1}", "{custom}"), fam, custom=missing)
+    code, _, err = run(capsys, "validate", p2, "--trust-remote-code")
+    assert code == 2 and "names code file configuration_tiny.py in auto_map, which is not in" in err

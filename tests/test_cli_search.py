@@ -234,3 +234,18 @@ def test_cli_resume_keeps_settings_and_guards_the_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "report split of this run was already evaluated" in err and "--reopen-report" in err
     assert len(load(out).trials) == 3
+
+
+def test_one_clean_display_with_progress_for_select_and_report(tmp_path):
+    """stderr holds the search's own bars only (trials, then select and report candidates, each with
+    done/total and best so far): no transformers 'Loading weights', no datasets 'Generating' bar."""
+    out = tmp_path / "run"
+    r = subprocess.run(EVOMERGE + ["search", str(ROOT / "search_spaces" / "toy_carved.yaml"), "--trials", "2",
+                                   "--limit", "8", "--top-k", "1", "--out", str(out)],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x.strip() for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert lines and all(x.split(":")[0] in ("search", "select", "report") for x in lines), lines
+    for bar in ("search: 100%", "select: 100%", "report: 100%"):
+        assert any(x.startswith(bar) for x in lines), (bar, lines)
+    assert any(x.startswith("report: 100%") and "candidate/s" in x and "best=" in x for x in lines), lines

@@ -260,3 +260,20 @@ def test_chat_template_system_instruction_and_multiturn_fewshot(tmp_path, tasks_
     assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     protocol_rec = json.loads((out / "record.json").read_text())["record"]["protocol"]
     assert protocol_rec["apply_chat_template"] is True and protocol_rec["system_instruction"] == "Be brief."
+
+
+def test_custom_code_source_is_refused_before_anything_is_written(tmp_path, tasks_dir, capsys):
+    from evomerge.toy.family import family
+
+    custom = tmp_path / "custom_up"
+    shutil.copytree(family().experts["up"], custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_up.UpForCausalLM"}
+    (custom / "config.json").write_text(json.dumps(cfg))
+    space = space_yaml(tmp_path, tasks_dir, tasks="    - {task: my_up, metric: exact_match}\n")
+    space.write_text(space.read_text().replace("models: [toy:up, toy:rev]", f"models: [{custom}, toy:rev]"))
+    out = tmp_path / "run"
+    assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "space.yaml: models[0]" in err and "needs its own code" in err and "--trust-remote-code" in err
+    assert not out.exists()

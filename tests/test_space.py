@@ -86,6 +86,9 @@ def test_ties_per_model_and_method_choice(tmp_path):
         (SLERP + "search: {sampler: cma}\n", "search.sampler", None),
         (SLERP + "search: {pruner: median}\n", "search.pruner", "fidelity"),
         (SLERP.replace("method: slerp", "method: ties").replace("slerp:", "ties:"), "parameters.ties.t", "density"),
+        # three models for slerp: refused, not silently merged as two
+        (SLERP.replace("models/rev]", "models/rev, models/base]"), "method", "list 2 models for slerp"),
+        (SLERP + "search: {trials: 3}\nsearch: {trials: 4}\n", "space.yaml:11", "merge the two 'search'"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path, body, where, fix):

@@ -234,6 +234,53 @@ class Sources:
                     fix="merge models that share one tokenizer (evomerge does not build union vocabularies)")
 
 
+    # --- custom code ------------------------------------------------------------------------------
+    def check_custom_code(self, models: Iterable[str] | None = None, *, allowed: bool, flag: str) -> None:
+        """Refuse a source whose config names its own Python code (`auto_map`) unless `allowed`: loading
+        it runs that code, and a merged config that keeps `auto_map` without the code loads nowhere.
+        When allowed, the code files must be in the folder (a remote `repo--module.Class` is refused)."""
+        for model in (list(models) if models is not None else self.models):
+            ck = self.checkpoint(model)
+            refs = auto_map_modules(ck.config)
+            if not refs:
+                continue
+            fld = self.where.get(model, model)
+            if not allowed:
+                raise CheckpointError(
+                    f"model {model!r} needs its own code (config.json auto_map: {', '.join(sorted(refs))}); "
+                    "evomerge neither runs nor copies a model's code unless told", where=fld,
+                    fix=f"pass {flag} if you trust the .py files in {ck.path}, or use a transformers-native "
+                        "checkpoint")
+            for ref in sorted(refs):
+                if "--" in ref:
+                    raise CheckpointError(
+                        f"model {model!r} points its auto_map at code in another repository ({ref!r})",
+                        where=fld, fix="put that code into the model folder and name it as module.Class")
+                if not (ck.path / code_file(ref)).is_file():
+                    raise CheckpointError(
+                        f"model {model!r} names code file {code_file(ref)} in auto_map, which is not in {ck.path}",
+                        where=fld, fix="copy the model's .py files into its folder")
+
+    def code_files(self, model: str) -> list[Path]:
+        """The .py files a model's auto_map names (checked by `check_custom_code`)."""
+        ck = self.checkpoint(model)
+        return [ck.path / code_file(r) for r in sorted(auto_map_modules(ck.config))]
+
+
+def auto_map_modules(config: dict) -> set[str]:
+    """The code modules a config's `auto_map` names ("modeling_x.XForCausalLM" -> "modeling_x")."""
+    out = set()
+    for value in (config.get("auto_map") or {}).values():
+        for ref in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(ref, str) and "." in ref:
+                out.add(ref.rsplit(".", 1)[0])
+    return out
+
+
+def code_file(module: str) -> str:
+    return module.split("--", 1)[-1].replace(".", "/") + ".py"
+
+
 def _arch(config: dict) -> str:
     archs = config.get("architectures") or []
     return ",".join(archs) if archs else str(config.get("model_type"))

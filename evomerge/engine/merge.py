@@ -183,6 +183,7 @@ def plan(recipe: MergeRecipe, sources: "Sources") -> MergePlan:
         sl = slices[slot.slice_index]
         base = sl.base
         model_params, global_params = resolver.resolve(slot, base)
+        method.check_tensor([m for m, _ in slot.inputs], base, model_params, global_params, slot.name)
         tasks.append(TensorTask(
             name=slot.name, inputs=slot.inputs, base=base, model_params=model_params,
             global_params=global_params, load_dtype=slot.load_dtype, spec=slot.spec,
@@ -610,8 +611,10 @@ def _check_out(out: Path, overwrite: bool, sources: "Sources | None" = None) -> 
 
 def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                  shard_size: int | str = "5GB", device: str = "cpu", progress: bool = True,
-                 threads: int | None = None) -> Path:
-    """`evomerge merge`: merge the recipe at `config_path` into the folder `out` (HF layout)."""
+                 threads: int | None = None, trust_remote_code: bool = False) -> Path:
+    """`evomerge merge`: merge the recipe at `config_path` into the folder `out` (HF layout).
+    `trust_remote_code`: accept sources with their own code (config `auto_map`); the donor's code files
+    are copied next to the merged config, so that the result loads."""
     from evomerge.engine.sinks import ShardedSafetensorsSink, parse_size
 
     out = Path(out)
@@ -626,6 +629,7 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
     _check_out(out, overwrite)
     _check_device(device)
     sources = _open_for(recipe, device, reads="copy")
+    sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
     p = plan(recipe, sources)
     tok_dir = _tokenizer_dir(recipe, p, sources)
     _check_tokenizer(tok_dir, p, sources, "tokenizer_source" if recipe.tokenizer_source else
@@ -652,6 +656,9 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
         (tmp / "config.json").write_text(json.dumps(p.out_config, indent=2, sort_keys=True) + "\n",
                                          encoding="utf-8")
         donor_dir = sources.path(p.donor)
+        for code in sources.code_files(p.donor):  # the config's auto_map points at these
+            (tmp / code.relative_to(donor_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(code, tmp / code.relative_to(donor_dir))
         if (donor_dir / "generation_config.json").is_file():
             shutil.copyfile(donor_dir / "generation_config.json", tmp / "generation_config.json")
         for name in TOKENIZER_FILES:
@@ -697,12 +704,13 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def validate_config(config_path: str | os.PathLike) -> str:
+def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool = False) -> str:
     """`evomerge validate`: every check `merge` makes, without merging; returns a short summary."""
     recipe = load_recipe(config_path)
     method = check_recipe(recipe)
     sources = _open_for(recipe)
     try:
+        sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         p = plan(recipe, sources)
         tok_dir = _tokenizer_dir(recipe, p, sources)
         n_tok = _check_tokenizer(tok_dir, p, sources, "tokenizer_source" if recipe.tokenizer_source else "models")

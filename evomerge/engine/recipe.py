@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterable, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError, read_config_text
+from evomerge.errors import ConfigError
+from evomerge.yamlfile import parse as parse_yaml
+from evomerge.yamlfile import read_text
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -113,17 +115,7 @@ class MergeRecipe(_Strict):
     # --- reading --------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, text: str, *, source: str | None = None) -> "MergeRecipe":
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = source or "recipe"
-            if mark is not None:
-                where = f"{where}:{mark.line + 1}:{mark.column + 1}"
-            raise ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
-                              fix="check indentation and quoting") from None
+        data = parse_yaml(text, where=source or "recipe")
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a YAML mapping with at least 'merge_method'",
                               where=source or "recipe",
@@ -197,7 +189,7 @@ class MergeRecipe(_Strict):
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     """Read a recipe file; a missing or malformed file is a ConfigError naming it."""
-    text = read_config_text(
+    text = read_text(
         path, what="recipe file",
         missing_fix="check the path (relative paths are resolved from the current folder)",
     )

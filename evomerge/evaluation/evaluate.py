@@ -103,6 +103,23 @@ def _quiet_lm_eval():
         logger.setLevel(previous)
 
 
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool):
+    """Hide the datasets library's "Generating test split" bars while tasks load (one per data file)."""
+    if not quiet:
+        yield
+        return
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
 @functools.cache
 def _quiet_hflm():
     """HFLM without its per-call progress bars (one per trial would flood the search's output)."""
@@ -228,7 +245,7 @@ class LMEvalEvaluator:
     def _load(self, names: list[str], role: str | None) -> _View:
         manager = self._task_manager(names)
         try:
-            with _quiet_lm_eval():
+            with _quiet_lm_eval(), _quiet_datasets(not self.progress):
                 task_dict = manager.load(names)
         except (FileNotFoundError, OSError, ValueError) as exc:  # the task's data could not be read
             raise ConfigError(

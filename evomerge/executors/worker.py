@@ -55,6 +55,8 @@ class WorkerSpec:
     options: tuple[tuple[str, Any], ...] = field(default=())
     splits: dict | None = field(default=None, hash=False)  # evaluation.protocol.SplitSpec as a dict
     protocol: dict | None = field(default=None, hash=False)  # evaluation.protocol.ScoringProtocol as a dict
+    trust_remote_code: bool = False  # the user accepted sources with their own code (auto_map)
+    verbose: bool = False  # show transformers', datasets' and lm-eval's own bars and warnings
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -136,9 +138,15 @@ class Worker:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
+        if not spec.verbose:  # one clean display: the search's own progress, not each library's
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
         self.sources = Sources.open(list(spec.sources), device=spec.device)
         dtype = getattr(torch, spec.dtype)
-        model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype,
+                                                     trust_remote_code=spec.trust_remote_code)
         model.to(spec.device)
         model.eval()
         model.requires_grad_(False)  # inference only; merges write weights under no_grad
@@ -150,13 +158,15 @@ class Worker:
             from evomerge.evaluation.evaluate import LMEvalEvaluator
             from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
-            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base)
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.base,
+                                                      trust_remote_code=spec.trust_remote_code)
             self.evaluator = LMEvalEvaluator(
                 tokenizer,
                 list(spec.tasks),
                 spec.include_path,
                 batch_size=spec.batch_size,
                 device=spec.device,
+                progress=spec.verbose,
                 splits=SplitSpec.model_validate(spec.splits) if spec.splits else None,
                 protocol=ScoringProtocol.model_validate(spec.protocol) if spec.protocol else None,
             )

@@ -53,7 +53,8 @@ class SearchResult:
     info: dict
 
 
-def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: str | None = None) -> WorkerSpec:
+def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: str | None = None,
+                trust_remote_code: bool = False, verbose: bool = False) -> WorkerSpec:
     """The picklable description of a worker for this space."""
     paths = [m.path for m in space.models]
     if space.base is not None and space.base.path not in paths:
@@ -72,6 +73,8 @@ def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: st
         evaluator=evaluator,
         splits=obj.splits.model_dump(mode="json"),
         protocol=obj.protocol.model_dump(mode="json"),
+        trust_remote_code=trust_remote_code,
+        verbose=verbose,
     )
 
 
@@ -95,14 +98,15 @@ def prepare_out(out: Path, storage_given: bool) -> None:
 
 
 class _Progress:
-    """tqdm bar (trials done / budget, best so far, elapsed, ETA), or nothing."""
+    """tqdm bar (done / total, best so far, elapsed, ETA), or nothing: the trials, then the candidates
+    scored on select and report."""
 
-    def __init__(self, enabled: bool, total: int, initial: int):
+    def __init__(self, enabled: bool, total: int, initial: int, *, desc: str = "search", unit: str = "trial"):
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="search", unit="trial", file=sys.stderr,
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
                             dynamic_ncols=True, smoothing=0.1)
 
     def update(self, best: float | None, failed: int) -> None:
@@ -296,39 +300,47 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 
 
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
-                      key: Callable[[Candidate], str], log: Callable) -> None:
-    """Score candidates (not already in `cache`) on `split`, full split, through the executor."""
+                      key: Callable[[Candidate], str], log: Callable, progress: bool = False) -> None:
+    """Score candidates (not already in `cache`) on `split`, full split, through the executor, with the
+    same progress display as the trials."""
     from evomerge.search.score import ScoreError, mixture, task_values
 
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
-    jobs = {}
-    queue = list(enumerate(pending))
-    while queue or jobs:
-        while queue and len(jobs) < executor.slots:
-            i, cand = queue.pop(0)
-            jobs[i] = cand
-            executor.submit(TrialJob(i, cand.recipe.to_dict(), split, None, space.budget.seed, tag=split))
-        for outcome in executor.wait(None):
-            cand = jobs.pop(outcome.number)
-            entry: dict[str, Any]
-            if outcome.ok:
-                try:
-                    entry = {"score": mixture(outcome.metrics, space.objective, split),
-                             "tasks": task_values(outcome.metrics, space.objective, split)}
-                except ScoreError as exc:
-                    entry = {"score": None, "error": str(exc)}
-            else:
-                entry = {"score": None, "error": _short(outcome.error or "failed", 500)}
-            if entry["score"] is None:
-                log(f"evomerge: {cand.label} could not be scored on {split}: {entry['error'].splitlines()[0]}")
-            cache[key(cand)] = entry
+    bar = _Progress(progress and bool(pending), len(pending), 0, desc=split, unit="candidate")
+    best, jobs, queue = None, {}, list(enumerate(pending))
+    try:
+        while queue or jobs:
+            while queue and len(jobs) < executor.slots:
+                i, cand = queue.pop(0)
+                jobs[i] = cand
+                executor.submit(TrialJob(i, cand.recipe.to_dict(), split, None, space.budget.seed, tag=split))
+            for outcome in executor.wait(None):
+                cand = jobs.pop(outcome.number)
+                entry: dict[str, Any]
+                if outcome.ok:
+                    try:
+                        entry = {"score": mixture(outcome.metrics, space.objective, split),
+                                 "tasks": task_values(outcome.metrics, space.objective, split)}
+                    except ScoreError as exc:
+                        entry = {"score": None, "error": str(exc)}
+                else:
+                    entry = {"score": None, "error": _short(outcome.error or "failed", 500)}
+                if entry["score"] is None:
+                    log(f"evomerge: {cand.label} could not be scored on {split}: {entry['error'].splitlines()[0]}")
+                elif best is None or entry["score"] > best:
+                    best = entry["score"]
+                cache[key(cand)] = entry
+                bar.update(best, 0)
+    finally:
+        bar.close()
     for cand in candidates:
         cand.scores[split] = cache[key(cand)]
 
 
-def select_and_report(study, space: SearchSpace, executor, *, log: Callable = print) -> tuple[Candidate | None, list[Candidate]]:
+def select_and_report(study, space: SearchSpace, executor, *, log: Callable = print,
+                      progress: bool = False) -> tuple[Candidate | None, list[Candidate]]:
     """Re-score the top-k and the baselines on `select`; the best there wins. Then score the winner,
     the parents and the baselines on `report`. Cached in study user attributes."""
     from optuna.trial import TrialState
@@ -356,7 +368,7 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
 
     select_cache = {int(k): v for k, v in study.user_attrs.get(SELECT_ATTR, {}).items()}
     cands = list(by_number.values())
-    _score_candidates(executor, space, cands, "select", select_cache, lambda c: c.trial, log)
+    _score_candidates(executor, space, cands, "select", select_cache, lambda c: c.trial, log, progress)
     study.set_user_attr(SELECT_ATTR, {str(k): v for k, v in select_cache.items()})
 
     def rank(c: Candidate):
@@ -379,7 +391,7 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
         from evomerge.search.record import note_report
 
         note_report(study, unscored)
-    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log)
+    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log, progress)
     report_cache["_winner"] = winner.trial
     study.set_user_attr(REPORT_ATTR, report_cache)
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
@@ -412,13 +424,17 @@ def run_search(
     write: bool = True,
     log: Callable[[str], Any] = print,
     reopen_report: bool = False,
+    trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> SearchResult:
     """Search (or resume) to the budget, select, report, and write the run folder.
 
     `executor` may be given (tests, embedding); otherwise one is made from workers/ray_address.
     `evaluator` is a "module:callable" plugged into the worker instead of lm-eval (see executors/worker.py).
     A resumed study keeps the budget settings it was made with except those set by `space.with_overrides`
-    (the CLI's flags); `reopen_report` allows extending a study whose report split was already evaluated.
+    (the CLI's flags); `reopen_report` allows extending a study whose report split was already evaluated;
+    `trust_remote_code` accepts sources with their own code (config `auto_map`), refused otherwise;
+    `verbose` lets transformers, datasets and lm-eval show their own bars and warnings.
     """
     from evomerge.search.study import create_study, default_storage, resume_settings
 
@@ -427,7 +443,8 @@ def run_search(
     own_executor = executor is None
     worker, record = None, None
     if own_executor:
-        worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker)  # before anything is on disk
+        worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker,  # before anything is on disk
+                                   trust_remote_code=trust_remote_code, verbose=verbose)
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
     space, notes = resume_settings(space, storage, reopen_report=reopen_report)
@@ -441,7 +458,7 @@ def run_search(
     if own_executor:
         from evomerge.executors import make_executor
 
-        spec = worker_spec(space, evaluator=evaluator)
+        spec = worker_spec(space, evaluator=evaluator, trust_remote_code=trust_remote_code, verbose=verbose)
         local = workers == 1 and not ray_address
         executor = make_executor(spec, workers, ray_address, trial_timeout, threads_per_worker=threads_per_worker,
                                  **({"worker": worker} if local else {}))
@@ -451,7 +468,7 @@ def run_search(
         info.update(stats)
         winner, cands = (None, [])
         if select:
-            winner, cands = select_and_report(study, space, executor, log=log)
+            winner, cands = select_and_report(study, space, executor, log=log, progress=progress)
     finally:
         if own_executor:
             executor.close()
@@ -463,7 +480,8 @@ def run_search(
     return result
 
 
-def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None):
+def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None,
+              trust_remote_code: bool = False, verbose: bool = False):
     """Every check that needs no search, before anything is written: the sources agree, every method's
     baseline plans, every task resolves, every split is non-empty and large enough for the search
     limit, and every metric exists (a one-item dry run on the first model). Returns the set-up
@@ -475,16 +493,22 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     from evomerge.search.score import ScoreError, task_values
     from evomerge.search.suggest import baseline_params, build_recipe
 
-    paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
-    sources = Sources.open(list(dict.fromkeys(paths)))
+    src = space.path or "space"
+    fields: dict[str, str] = {}
+    for i, m in enumerate(space.models):
+        fields.setdefault(m.path, f"{src}: models[{i}]")
+    if space.base is not None:
+        fields.setdefault(space.base.path, f"{src}: base_model")
+    sources = Sources.open(fields)
     try:
         sources.check_compatible()
+        sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         for _, params in baseline_params(space):
             plan(build_recipe(space, params), sources)
     finally:
         sources.close()
-    src = space.path or "space"
-    worker = Worker(worker_spec(space, evaluator=evaluator, threads=threads))
+    worker = Worker(worker_spec(space, evaluator=evaluator, threads=threads, trust_remote_code=trust_remote_code,
+                                verbose=verbose))
     try:
         worker.setup()
         ev = worker.evaluator
@@ -504,14 +528,14 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     return worker, protocol_record(space, worker.evaluator)
 
 
-def validate_space(path: str | Path) -> str:
+def validate_space(path: str | Path, *, trust_remote_code: bool = False) -> str:
     """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
     sizes, protocol). Writes nothing."""
     from evomerge.search.record import protocol_lines, splits_text
     from evomerge.search.space import load_space
 
     space = load_space(path)
-    _, record = preflight(space)
+    _, record = preflight(space, trust_remote_code=trust_remote_code)
     obj = space.objective
     lines = [f"ok: {path}",
              f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
@@ -567,6 +591,8 @@ def run_search_cli(args) -> int:
         evaluator=getattr(args, "evaluator", None),
         progress=not args.no_progress,
         reopen_report=getattr(args, "reopen_report", False),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        verbose=getattr(args, "verbose", False),
     )
     from evomerge.search.report import summary
 

@@ -1,7 +1,7 @@
 """The search space: what a search may change, what it optimises, and its budget.
 
 Why it exists: a `space.yaml` is the user's whole description of a search. This module reads it
-(`yaml.safe_load`, pydantic with `extra="forbid"`, errors with field paths), resolves model paths and
+(strict safe YAML: duplicate keys refused, pydantic with `extra="forbid"`, errors with field paths), resolves model paths and
 the objective's task folder, checks every tunable against the merge method's own declaration
 (`evomerge.engine.methods`: bounds and defaults are read from there, never repeated here), and produces a
 frozen `SearchSpace`. It also OWNS THE PARAMETER NAMES: `SearchSpace.dimensions(method)` lists the
@@ -45,7 +45,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError, read_config_text
+from evomerge.errors import ConfigError
+from evomerge.yamlfile import parse as parse_yaml
+from evomerge.yamlfile import read_text
 from evomerge.evaluation.protocol import Carve, ScoringProtocol, SplitSpec
 
 SAMPLERS = ("auto", "cmaes", "tpe", "nsga2", "random", "grid")
@@ -316,19 +318,11 @@ class _RawSpace(_Strict):
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search space file. Every mistake is a ConfigError with a field path."""
-    import yaml
-
     p = Path(path)
-    text = read_config_text(
+    text = read_text(
         p, what="search space file", missing_fix="check the path; ready-made spaces are in search_spaces/"
     )
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
-                          fix="check indentation and quoting") from None
+    data = parse_yaml(text, where=str(path))
     return space_from_dict(data, source=str(path), root=p.resolve().parent, default_name=p.stem)
 
 
@@ -528,7 +522,7 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
             return space.base, models
     if high is None:
         return None, models  # a task-vector method without base_model: refused by _method_space
-    return models[0], models[:high]
+    return models[0], models  # more than `high` models: refused by _method_space, never truncated
 
 
 def _method_space(name: str, given: dict, partial: SearchSpace, where: str, pwhere: str) -> MethodSpace:
@@ -546,8 +540,11 @@ def _method_space(name: str, given: dict, partial: SearchSpace, where: str, pwhe
                           fix="add base_model: <path> (the model the task vectors are taken from)")
     if count < low or (high is not None and count > high):
         need = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
-        raise ConfigError(f"{name} takes {need} input models, this space gives {count}", where=where,
-                          fix="change models/base_model or the method")
+        listed = ", ".join(m.name for m in inputs)
+        raise ConfigError(f"{name} takes {need} input models, this space gives {count} ({listed})", where=where,
+                          fix=(f"list {high} models for {name} (the first is its base), or use a method that "
+                               "merges more (linear, task_arithmetic, ties)") if high is not None and count > high
+                          else "change models/base_model or the method")
     for key in given:
         impl.check_param_name(key, f"{pwhere}.{key}")
     params = []

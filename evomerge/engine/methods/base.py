@@ -240,6 +240,11 @@ class MergeMethod:
             )
         return order
 
+    def check_tensor(self, models: list[str], base: str | None, model_params: dict[str, dict],
+                     global_params: dict, tensor: str) -> None:
+        """Checks that need one output tensor's resolved parameters but no tensor data (`plan` runs
+        them, so `evomerge validate` refuses what `merge` would). Default: none beyond the ranges."""
+
     # ---- the merge ------------------------------------------------------------------------
     def merge(
         self,

@@ -44,6 +44,19 @@ class Linear(MergeMethod):
         ),
     )
 
+    def check_tensor(self, models, base, model_params, global_params, tensor):
+        import torch
+
+        if not self._resolve_global(global_params or {})["normalize"]:
+            return
+        weights = [self._resolve_model(m, None, model_params.get(m) or {})["weight"] for m in models]
+        if float(torch.tensor(weights, dtype=torch.float32).sum()) == 0.0:  # the sum `_merge` divides by
+            raise ConfigError(
+                f"linear weights sum to zero for tensor {tensor!r}, so normalize divides by zero",
+                where="models[*].parameters.weight",
+                fix="use weights with a non-zero sum, or set normalize: false",
+            )
+
     def _merge(self, tensors, base_index, model_params, global_params, generator):
         import torch
 
