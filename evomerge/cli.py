@@ -19,6 +19,10 @@ TRUST_HELP = ("accept source models with their own Python code (config.json auto
               "with it, merge copies the code next to the merged config")
 
 
+ROOT_HELP = ("folder that holds the recipe's model folders: each model path is looked up there by its folder "
+             "name (a best.yaml moved to another machine)")
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge models as a mergekit YAML recipe says, into OUT")
     p.add_argument("config", help="mergekit-style YAML recipe")
@@ -31,11 +35,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                    help="torch threads for the arithmetic (default 2, or $EVOMERGE_MERGE_THREADS); use the "
                         "search's value to reproduce its candidates bit for bit")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--model-root", help=ROOT_HELP)
     p.set_defaults(func=_run_merge)
 
     v = sub.add_parser("validate", help="check a recipe (or a search space) without merging or searching")
     v.add_argument("config", help="mergekit-style YAML recipe, or a search space (prints its objective)")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    v.add_argument("--model-root", help=ROOT_HELP + " (recipes only)")
     v.set_defaults(func=_run_validate)
 
 
@@ -52,6 +58,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         trust_remote_code=args.trust_remote_code,
+        model_root=args.model_root,
     )
     return 0
 
@@ -62,17 +69,22 @@ def _run_validate(args: argparse.Namespace) -> int:
     if is_space_file(args.config):
         from evomerge.search.loop import validate_space
 
+        if args.model_root:
+            from evomerge.errors import ConfigError
+
+            raise ConfigError("--model-root applies to merge recipes, and this is a search space", where="--model-root",
+                              fix="drop --model-root; a space's model paths are resolved from the space file's folder")
         print(validate_space(args.config, trust_remote_code=args.trust_remote_code))
         return 0
     from evomerge.engine.merge import validate_config
 
-    print(validate_config(args.config, trust_remote_code=args.trust_remote_code))
+    print(validate_config(args.config, trust_remote_code=args.trust_remote_code, model_root=args.model_root))
     return 0
 
 
 # --- toy (embedded model family) -----------------------------------------------------------------
 def _add_toy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("toy", help="locate, rebuild or evaluate the embedded toy model family")
+    p = sub.add_parser("toy", help="locate or rebuild the embedded toy model family")
     p.set_defaults(func=_run_toy_path)
     tsub = p.add_subparsers(dest="toy_command")
     path = tsub.add_parser("path", help="print where the embedded family lives")

@@ -35,7 +35,8 @@ cd "$ROOT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 
-"$ROOT/scripts/netns.sh" -- "$PY" -m pytest "${args[@]}"
+# The ten slowest tests are printed with every run (CI included), so slow creep is seen.
+"$ROOT/scripts/netns.sh" -- "$PY" -m pytest --durations=10 "${args[@]}"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test.sh: pytest collected no tests (exit 5); treated as a failure" >&2

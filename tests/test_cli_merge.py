@@ -252,3 +252,30 @@ def test_custom_code_is_refused_unless_trusted_and_then_copied(fam, tmp_path, ca
     p2 = recipe(tmp_path, TIES.replace("{e1}", "{custom}"), fam, custom=missing)
     code, _, err = run(capsys, "validate", p2, "--trust-remote-code")
     assert code == 2 and "names code file configuration_tiny.py in auto_map, which is not in" in err
+
+
+def test_model_root_finds_moved_model_folders(fam, tmp_path, capsys):
+    """A recipe written on another machine (paths that do not exist here) merges with --model-root DIR,
+    where DIR holds the folders by name, into the same tensors as the recipe with the real paths."""
+    from safetensors.torch import load_file
+
+    moved = tmp_path / "elsewhere"
+    for src in (fam.base, *fam.experts[:2]):
+        shutil.copytree(src, moved / src.name)
+    here = recipe(tmp_path, TIES, fam)
+    away = tmp_path / "away.yaml"
+    away.write_text(here.read_text().replace(str(fam.root), "/nowhere/models"))
+    code, _, err = run(capsys, "validate", away)
+    assert code == 2 and "not found" in err
+    code, _, err = run(capsys, "validate", away, "--model-root", moved)
+    assert code == 0, err
+    for path, args in ((tmp_path / "a", [here]), (tmp_path / "b", [away, "--model-root", moved])):
+        code, _, err = run(capsys, "merge", *args, path, "--no-progress")
+        assert code == 0, err
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert str(moved / "expert0") in (tmp_path / "b" / "mergekit_config.yml").read_text()
+    twins = tmp_path / "twins.yaml"
+    twins.write_text(TIES.format(base=fam.base, e0=fam.experts[0], e1=tmp_path / "x" / fam.experts[0].name))
+    code, _, err = run(capsys, "validate", twins, "--model-root", moved)
+    assert code == 2 and "cannot tell" in err and "--model-root" in err

@@ -249,3 +249,18 @@ def test_one_clean_display_with_progress_for_select_and_report(tmp_path):
     for bar in ("search: 100%", "select: 100%", "report: 100%"):
         assert any(x.startswith(bar) for x in lines), (bar, lines)
     assert any(x.startswith("report: 100%") and "candidate/s" in x and "best=" in x for x in lines), lines
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--trial-timeout", "0"], "--trial-timeout must be a positive number"),
+    (["--threads-per-worker", "0"], "--threads-per-worker must be at least 1"),
+    (["--storage", "nonsense://x"], "not a usable database URL"),
+    (["--storage", "postgresql://user@host/db"], "not a usable database URL"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_bad_flags_exit_2_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["search", str(space_file(tmp_path, SLERP)), "--out", str(out), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and flags[0] in err, err
+    assert not out.exists()

@@ -262,6 +262,23 @@ def test_every_method_output_loads_and_generates(tiny_llama, tmp_path):
         assert (out / f).is_file(), f
     card = (out / "README.md").read_text()
     assert "ties" in card and str(fam.experts[1]) in card and "density: [0.9, 0.3]" in card
+    front = card.split("---")[1]
+    assert "base_model" not in front and str(fam.base) not in front  # a local folder is not a Hub id
+
+
+@pytest.mark.parametrize("model, config, expected", [
+    ("/abs/models/base", {}, None),
+    ("./models/base", {}, None),
+    ("../x/y", {}, None),
+    ("HuggingFaceTB/SmolLM2-135M", {}, "HuggingFaceTB/SmolLM2-135M"),
+    ("/downloads/smol", {"_name_or_path": "HuggingFaceTB/SmolLM2-135M"}, "HuggingFaceTB/SmolLM2-135M"),
+    ("/downloads/smol", {"_name_or_path": "/home/me/ckpt"}, None),
+    ("base", {}, None),
+])
+def test_model_card_base_model_is_a_hub_id_or_nothing(model, config, expected):
+    from evomerge.engine.modelcard import hub_id
+
+    assert hub_id(model, config) == expected
 
 
 def test_dare_is_seeded_per_tensor(tiny_llama, tmp_path):

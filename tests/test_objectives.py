@@ -195,6 +195,10 @@ def test_group_task_and_explicit_named_splits(tasks_dir, tmp_path):
      "objective.protocol", "did you mean 'num_fewshot'"),
     ("    - {task: my_up, metric: exact_match}\n", "  protocol: {apply_chat_template: true}\n",
      "objective.protocol.apply_chat_template", "has no chat template"),
+    ("    - {task: my_up, metric: exact_match, direction: minimize}\n", "", "objective.tasks[0].direction",
+     "says higher exact_match is better, but the objective would minimize it"),
+    ("    - {task: my_up, metric: exact_match}\n", "  protocol: {gen_kwargs: {max_gen_tok: 8}}\n",
+     "objective.protocol.gen_kwargs.max_gen_tok", "did you mean 'max_gen_toks'"),
 ])
 def test_setup_mistakes_exit_2_before_anything_is_written(tmp_path, tasks_dir, capsys, tasks, extra, where, message):
     space = space_yaml(tmp_path, tasks_dir, tasks=tasks, extra=extra)

@@ -32,6 +32,29 @@ def test_best_yaml_is_a_recipe_with_provenance(run):
     assert "evomerge 0.1.0" in header[0]
     assert MergeRecipe.from_yaml(text) == run.winner.recipe
     assert yaml.safe_load(text)["merge_method"] == "slerp"  # comments are invisible to YAML readers
+    assert "# on another machine: add --model-root DIR, DIR holding the folders add, rev" in text
+    assert "global RNG" not in text  # slerp draws nothing
+
+
+def test_best_yaml_of_a_dare_winner_says_mergekit_draws_another_mask(tmp_path):
+    space = make_space(tmp_path, SPACE_DARE, trials=3)
+    result = run_search(space, tmp_path / "run", executor=FakeExecutor(), progress=False)
+    text = (result.out / "best.yaml").read_text()
+    assert result.winner.recipe.merge_method == "dare_ties"
+    assert "mergekit-yaml draws from its global RNG, so it gives another draw" in text
+
+
+SPACE_DARE = """
+models: [models/add, models/rev]
+base_model: models/base
+method: dare_ties
+parameters:
+  dare_ties:
+    density: {low: 0.3, high: 0.9}
+objective:
+  tasks: [toy_add, toy_rev]
+search: {trials: 3, seed: 0, top_k: 2}
+"""
 
 
 @pytest.mark.mergekit

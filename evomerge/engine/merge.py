@@ -50,7 +50,7 @@ from evomerge.engine.recipe import (
     setting_scalars,
     to_float,
 )
-from evomerge.engine.modelcard import CardFacts, SourceFacts, render_card
+from evomerge.engine.modelcard import CardFacts, SourceFacts, hub_id, render_card
 from evomerge.engine.sinks import ITEM_SIZE, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -611,10 +611,12 @@ def _check_out(out: Path, overwrite: bool, sources: "Sources | None" = None) -> 
 
 def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                  shard_size: int | str = "5GB", device: str = "cpu", progress: bool = True,
-                 threads: int | None = None, trust_remote_code: bool = False) -> Path:
+                 threads: int | None = None, trust_remote_code: bool = False,
+                 model_root: str | os.PathLike | None = None) -> Path:
     """`evomerge merge`: merge the recipe at `config_path` into the folder `out` (HF layout).
     `trust_remote_code`: accept sources with their own code (config `auto_map`); the donor's code files
-    are copied next to the merged config, so that the result loads."""
+    are copied next to the merged config, so that the result loads. `model_root`: look every model
+    folder up by its name there (a recipe from another machine); the output records the moved recipe."""
     from evomerge.engine.sinks import ShardedSafetensorsSink, parse_size
 
     out = Path(out)
@@ -624,6 +626,9 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
     merge_threads(threads)
     recipe = load_recipe(config_path)
     recipe_text = Path(config_path).read_text(encoding="utf-8")
+    if model_root is not None:
+        recipe = recipe.relocated(model_root)
+        recipe_text = recipe.to_yaml(comments=[f"{config_path}, model folders under {model_root}"])
     check_recipe(recipe)
     shard_bytes = parse_size(shard_size)
     _check_out(out, overwrite)
@@ -690,7 +695,9 @@ def card_facts(recipe: MergeRecipe, recipe_text: str, p: MergePlan, sources: "So
         listed.append(SourceFacts(model=m, is_base=m == recipe.base_model, n_tensors=len(ck.tensors),
                                   nbytes=sum(nbytes(i.shape, i.dtype) for i in ck.tensors.values())))
     return CardFacts(name=name, method=recipe.merge_method, reference_url=p.method.reference_url,
-                     base_model=recipe.base_model, recipe_text=recipe_text, sources=tuple(listed),
+                     base_model=hub_id(recipe.base_model, sources.config(recipe.base_model) if recipe.base_model
+                                       else None),
+                     recipe_text=recipe_text, sources=tuple(listed),
                      n_tensors=len(p.tasks), num_layers=p.num_layers, nbytes=p.nbytes, donor=p.donor)
 
 
@@ -704,9 +711,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool = False) -> str:
+def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool = False,
+                    model_root: str | os.PathLike | None = None) -> str:
     """`evomerge validate`: every check `merge` makes, without merging; returns a short summary."""
     recipe = load_recipe(config_path)
+    if model_root is not None:
+        recipe = recipe.relocated(model_root)
     method = check_recipe(recipe)
     sources = _open_for(recipe)
     try:

@@ -11,6 +11,7 @@ depends on nothing else in the engine and `merge.py` is the only one that gather
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 
@@ -31,13 +32,26 @@ class CardFacts:
     name: str
     method: str
     reference_url: str | None
-    base_model: str | None
+    base_model: str | None  # a Hub id (`hub_id`), or None: a local path is not a Hub base_model
     recipe_text: str
     sources: tuple[SourceFacts, ...]
     n_tensors: int
     num_layers: int
     nbytes: int
     donor: str
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(model: str | None, config: dict | None = None) -> str | None:
+    """The Hub id a card may name as `base_model`: the recipe's path when it reads like `org/name` and
+    is not a local path, else the config's `_name_or_path` when that does; never a local folder."""
+    for candidate in (model, (config or {}).get("_name_or_path")):
+        if isinstance(candidate, str) and _HUB_ID.match(candidate) and not candidate.startswith((".", "~")) \
+                and ".." not in candidate:
+            return candidate
+    return None
 
 
 def render_card(facts: CardFacts) -> str:

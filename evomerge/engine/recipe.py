@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -155,6 +156,31 @@ class MergeRecipe(_Strict):
             for src in s.sources:
                 seen[src.model] = None
         return list(seen)
+
+    def relocated(self, root: str | os.PathLike) -> "MergeRecipe":
+        """The same recipe with every model folder looked up by its name under `root` (a recipe moved
+        to another machine: `/old/place/up` becomes `root/up`). Two models with one folder name are
+        refused: they cannot both live under `root`."""
+        names: dict[str, str] = {}
+        for model in self.referenced_models() + ([self.tokenizer_source] if self.tokenizer_source not in
+                                                 (None, "base", "union") else []):
+            name = Path(model.rstrip("/\\")).name
+            if names.setdefault(name, model) != model:
+                raise ConfigError(f"--model-root cannot tell {names[name]!r} and {model!r} apart: both folders "
+                                  f"are named {name!r}", where="--model-root",
+                                  fix="merge with the paths as written, or rename one of the folders")
+        mapping = {model: str(Path(root) / name) for name, model in names.items()}
+        data = self.to_dict()
+
+        def move(x):
+            if isinstance(x, dict):
+                return {k: (mapping.get(v, v) if k in ("model", "base_model", "tokenizer_source")
+                            and isinstance(v, str) else move(v)) for k, v in x.items()}
+            if isinstance(x, list):
+                return [move(v) for v in x]
+            return x
+
+        return MergeRecipe.from_dict(move(data))
 
     def model_fields_paths(self) -> dict[str, str]:
         """model path -> the YAML field where it is first mentioned (for error messages)."""

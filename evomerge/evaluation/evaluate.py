@@ -103,6 +103,25 @@ def _quiet_lm_eval():
         logger.setLevel(previous)
 
 
+def _check_gen_kwargs(gen_kwargs: dict) -> None:
+    """Every generation setting is one lm-eval (`until`, `max_gen_toks`) or transformers' `generate`
+    knows: a typo would otherwise fail every trial inside `generate`."""
+    if not gen_kwargs:
+        return
+    import difflib
+
+    from transformers import GenerationConfig
+
+    known = (set(GenerationConfig().to_dict()) - {"transformers_version"}) | {"until", "max_gen_toks"}
+    for key in gen_kwargs:
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(
+                f"unknown generation setting {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                where=f"objective.protocol.gen_kwargs.{key}",
+                fix="use lm-eval's until / max_gen_toks, or a transformers GenerationConfig field")
+
+
 @contextlib.contextmanager
 def _quiet_datasets(quiet: bool):
     """Hide the datasets library's "Generating test split" bars while tasks load (one per data file)."""
@@ -182,6 +201,7 @@ class LMEvalEvaluator:
         self.include_path = str(include_path) if include_path else None
         self.splits = splits or SplitSpec(mode="named")
         self.protocol = protocol or ScoringProtocol(batch_size=batch_size)
+        _check_gen_kwargs(self.protocol.gen_kwargs)
         if self.protocol.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 f"apply_chat_template is true but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
@@ -318,6 +338,16 @@ class LMEvalEvaluator:
     def sizes(self, split: str) -> dict[str, int]:
         """Items per lm-eval task (leaf) of `split` (builds the tasks if needed)."""
         return {n: len(leaf.carving.indices[split]) for n, leaf in self.view(split).leaves.items()}
+
+    def higher_is_better(self, split: str = "search") -> dict[str, dict[str, bool]]:
+        """Per lm-eval task (leaf) of `split`: for each metric, whether higher is better (the task's word)."""
+        out = {}
+        for name, leaf in self.view(split).leaves.items():
+            try:
+                out[name] = {k: bool(v) for k, v in (leaf.task.higher_is_better() or {}).items()}
+            except Exception:  # noqa: BLE001 - a task without the declaration: nothing to say
+                out[name] = {}
+        return out
 
     def record(self) -> dict:
         """What the items of this objective are: per lm-eval task and split, the item count and a hash

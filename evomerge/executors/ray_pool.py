@@ -31,6 +31,11 @@ a fresh instance, `ray.init(address="local", num_cpus=max(cores, workers x threa
 include_dashboard=False, log_to_driver=False)` (worker errors come back in the outcomes, not as
 console noise); `address` takes any Ray address ("auto", "HOST:PORT", "ray://HOST:10001").
 
+Addresses: Ray advertises the machine's interface address even for a local instance. When no
+`address` is given and Ray is not imported yet, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is set first,
+which keeps every socket of the local instance on 127.0.0.1. A cluster (`address`) is the user's
+network set-up and is left alone.
+
 `ray` is imported here only, and only when a `RayExecutor` is created.
 """
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -92,6 +98,9 @@ def actor_options(
     if resources:
         options["resources"] = dict(resources)
     return spec, options
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds a local instance to 127.0.0.1
 
 
 def _actor_info(worker: Any) -> tuple[str, str, int]:
@@ -172,6 +181,10 @@ class RayExecutor:
             raise ConfigError(f"workers must be at least 1, got {workers}", where="--workers")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"trial timeout must be positive, got {timeout}", where="--trial-timeout")
+        if not address and "ray" not in sys.modules:
+            # A local instance the user did not ask to share: keep every Ray socket on 127.0.0.1
+            # (Ray reads this when it is imported; it forbids adding nodes, which "local" never does).
+            os.environ.setdefault(LOOPBACK_ENV, "0")
         import ray  # lazily: `import evomerge` never imports Ray
 
         self._ray = ray

@@ -514,6 +514,8 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
         ev = worker.evaluator
         if hasattr(ev, "sizes"):
             _check_sizes(space, ev, src)
+        if hasattr(ev, "higher_is_better"):
+            _check_directions(space, ev.higher_is_better("search"), src)
         result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
     except ConfigError as exc:
         raise _at_task(exc, space, src) from None
@@ -560,14 +562,41 @@ def _check_sizes(space: SearchSpace, ev, src: str) -> None:
                                   fix=f"use search.limit {n} or less, or give the search split a larger share")
 
 
+def _check_directions(space: SearchSpace, hib: dict[str, dict[str, bool]], src: str) -> None:
+    """A task's metric optimised the wrong way round (perplexity maximised) is a set-up mistake."""
+    for i, t in enumerate(space.objective.tasks):
+        leaf = hib.get(space.objective.splits.task_name(t.task, "search"), {})
+        if t.metric in leaf and leaf[t.metric] != (t.direction == "maximize"):
+            way = "higher" if leaf[t.metric] else "lower"
+            want = "maximize" if leaf[t.metric] else "minimize"
+            raise ConfigError(f"task {t.task!r} says {way} {t.metric} is better, but the objective would "
+                              f"{t.direction} it", where=f"{src}: objective.tasks[{i}].direction",
+                              fix=f"set direction: {want} (or leave it out for a metric where higher is better)")
+
+
 def _at_task(exc: ConfigError, space: SearchSpace, src: str) -> ConfigError:
     """Point an evaluator's error about a task at the task's entry in the space file."""
+    if exc.where and exc.where.startswith(f"{src}: "):  # already names its field in the space file
+        return exc
     for i, t in enumerate(space.objective.tasks):
         if f"{t.task!r}" in exc.what or f"'{t.task}_" in exc.what:
             return ConfigError(exc.what, where=f"{src}: objective.tasks[{i}].task", fix=exc.fix)
     if exc.where.startswith("objective."):  # a field of the space file
         return ConfigError(exc.what, where=f"{src}: {exc.where}", fix=exc.fix)
     return exc
+
+
+def check_storage_url(url: str) -> None:
+    """A --storage URL that SQLAlchemy can open (its dialect is installed), before anything is written."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect().import_dbapi()  # the driver too (postgresql needs psycopg2, ...)
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
+        raise ConfigError(f"not a usable database URL ({str(exc).splitlines()[0]})", where=f"--storage {url}",
+                          fix="omit --storage (sqlite in the run folder), or give e.g. sqlite:///runs/x/study.db "
+                              "or postgresql://user@host/db with its driver installed") from None
 
 
 def run_search_cli(args) -> int:
@@ -580,6 +609,14 @@ def run_search_cli(args) -> int:
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / space.name
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1", where="--workers", fix="use --workers 1 or more")
+    if args.trial_timeout is not None and args.trial_timeout <= 0:
+        raise ConfigError(f"--trial-timeout must be a positive number of seconds, got {args.trial_timeout:g}",
+                          where="--trial-timeout", fix="omit it (no limit) or give e.g. --trial-timeout 600")
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        raise ConfigError(f"--threads-per-worker must be at least 1, got {args.threads_per_worker}",
+                          where="--threads-per-worker", fix="omit it, or give 1 or more")
+    if args.storage:
+        check_storage_url(args.storage)
     result = run_search(
         space,
         out,

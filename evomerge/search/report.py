@@ -105,6 +105,14 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
 
     threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
     lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")
+    folders = sorted({Path(m.rstrip("/")).name for m in w.recipe.referenced_models()})
+    lines.append(f"on another machine: add --model-root DIR, DIR holding the folders {', '.join(folders)}")
+    from evomerge.engine import methods
+
+    if methods.get(w.recipe.merge_method).uses_generator:
+        lines.append(f"{w.recipe.merge_method} draws random masks: evomerge merge reproduces this draw from "
+                     "random_seed; mergekit-yaml draws from its global RNG, so it gives another draw (a "
+                     "different model, of the same kind)")
     return w.recipe.to_yaml(comments=lines)
 
 
