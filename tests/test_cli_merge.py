@@ -279,3 +279,20 @@ def test_model_root_finds_moved_model_folders(fam, tmp_path, capsys):
     twins.write_text(TIES.format(base=fam.base, e0=fam.experts[0], e1=tmp_path / "x" / fam.experts[0].name))
     code, _, err = run(capsys, "validate", twins, "--model-root", moved)
     assert code == 2 and "cannot tell" in err and "--model-root" in err
+
+
+def test_help_promises_only_subcommands_that_exist():
+    """Every verb a command's one-line help promises (locate, rebuild, evaluate, ...) has a subcommand."""
+    import argparse
+
+    from evomerge import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    toy = sub.choices["toy"]
+    toy_sub = next(a for a in toy._actions if isinstance(a, argparse._SubParsersAction))
+    line = next(c.help for c in sub._choices_actions if c.dest == "toy")
+    verbs = {"locate": "path", "rebuild": "build", "evaluate": "eval", "build": "build"}
+    for verb, command in verbs.items():
+        if verb in line:
+            assert command in toy_sub.choices, (verb, line, sorted(toy_sub.choices))

@@ -264,3 +264,15 @@ def test_bad_flags_exit_2_before_anything_is_written(tmp_path, capsys, flags, me
     err = capsys.readouterr().err
     assert message in err and flags[0] in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (("models: [toy:up, toy:rev]", "models: [toy:up, toy:rev, toy:next]"), "slerp takes exactly 2 input models"),
+    (("search: {", "search: {trials: 3}\nsearch: {"), "key 'search' is given twice"),
+])
+def test_space_mistakes_exit_2_before_anything_is_written(tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    space = space_file(tmp_path, SLERP.replace(*change))
+    assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
