@@ -424,11 +424,12 @@ def test_local_default_runs_and_ctrl_c_stops_cleanly(tmp_path):
         time.sleep(1.0)  # both workers are mid-trial now
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert time.monotonic() - t0 < 30, "Ctrl-C should stop the driver promptly"
+    # ~3 s on an idle machine; the bound leaves room for a machine many times slower (CI under load)
+    assert time.monotonic() - t0 < 90, "Ctrl-C should stop the driver promptly"
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert lines == [{"interrupted": True}, {"closed": True, "ray_up": False}], (out, err[-2000:])
     assert "KeyboardInterrupt" in err
@@ -556,12 +557,12 @@ def test_real_workers_on_two_nodes_equal_in_process(cluster, toy_family):
     jobs = [TrialJob(number=i, recipe=r, split="search", limit=16, seed=1)
             for i, r in enumerate(toy_recipes(toy_family))]
     with RayExecutor(spec, workers=2, address=cluster, timeout=120) as ex:
-        remote = {o.number: o for o in run_all(ex, jobs, timeout=240)}
+        remote = {o.number: o for o in run_all(ex, jobs, timeout=900)}  # a guard against hangs only
     assert all(o.ok for o in remote.values()), {n: o.error for n, o in remote.items() if not o.ok}
     assert len({o.node for o in remote.values()}) == 2, "trials should have run on both nodes"
 
     local = InProcessExecutor(spec)
-    here = {o.number: o for o in run_all(local, jobs, timeout=240)}
+    here = {o.number: o for o in run_all(local, jobs, timeout=900)}
     assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
     for n in here:
         assert remote[n].metrics == here[n].metrics, f"trial {n}: Ray and in-process results differ"
@@ -604,9 +605,9 @@ def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, 
     jobs = [TrialJob(number=i, recipe=r, split=split, limit=12, seed=1)
             for i, (r, split) in enumerate((r, s) for r in recipes for s in ("search", "select"))]
     with RayExecutor(spec, workers=2, address=cluster, timeout=120) as ex:
-        remote = {o.number: o for o in run_all(ex, jobs, timeout=300)}
+        remote = {o.number: o for o in run_all(ex, jobs, timeout=900)}
     assert all(o.ok for o in remote.values()), {n: o.error for n, o in remote.items() if not o.ok}
-    here = {o.number: o for o in run_all(InProcessExecutor(spec), jobs, timeout=300)}
+    here = {o.number: o for o in run_all(InProcessExecutor(spec), jobs, timeout=900)}
     assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
     for n in here:
         assert remote[n].metrics == here[n].metrics, f"job {n}: Ray and in-process results differ"
@@ -660,18 +661,18 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
 
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 900  # a guard against hangs only
         while states().count(optuna.trial.TrialState.COMPLETE) < 2:
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no trial completed in time"
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)  # Ctrl-C, with trials in flight
         t0 = time.monotonic()
-        _, err = first.communicate(timeout=60)
+        _, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
-    assert time.monotonic() - t0 < 30 and first.returncode == 130, (first.returncode, err[-3000:])
+    assert time.monotonic() - t0 < 90 and first.returncode == 130, (first.returncode, err[-3000:])
     done_before = states().count(optuna.trial.TrialState.COMPLETE)
     assert done_before < budget, "the interrupted run should not have finished the budget"
     deadline = time.monotonic() + 30
@@ -679,7 +680,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
         assert time.monotonic() < deadline, f"CPUs not released: {ray.available_resources()}"
         time.sleep(0.5)
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     trials = optuna.load_study(study_name=None, storage=storage).get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
