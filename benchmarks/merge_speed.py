@@ -10,7 +10,8 @@ What it does:
    model.safetensors, config.json, generation_config.json and a tiny local word-level tokenizer whose vocab
    size equals the model's. They load with AutoModelForCausalLM.
 2. Writes one mergekit YAML per method: linear (3 models), ties (base + 2, density 0.5), slerp (2 models,
-   t 0.5), all `dtype: bfloat16`, absolute paths.
+   t 0.5), and the 13 methods added to match mergekit's list (base + 2 where the method takes it; della at
+   density 1, so that no random draw differs), all `dtype: bfloat16`, absolute paths.
 3. For each repeat, for each method, runs `evomerge merge CFG OUT --overwrite --no-progress` and
    `mergekit-yaml CFG OUT --quiet` as child processes (order alternates between repeats), plus once per
    repeat a "plain copy" child: read every source tensor of the 3 models from safetensors and write one
@@ -48,8 +49,11 @@ SIZES = {
                  num_attention_heads=4, num_key_value_heads=4),
 }
 MODELS = ("base", "ft_a", "ft_b")
-METHODS = ("linear", "ties", "slerp")
-TARGETS = {"linear": 2.0, "slerp": 2.0, "ties": 3.0}  # min mergekit/evomerge time ratio
+ADDED = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
+         "karcher", "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion")
+METHODS = ("linear", "ties", "slerp") + ADDED
+# min mergekit/evomerge time ratio; the methods added later must never be slower (1.0)
+TARGETS = {"linear": 2.0, "slerp": 2.0, "ties": 3.0, **{m: 1.0 for m in ADDED}}
 PLAIN_COPY_FACTOR = 2.0  # evomerge linear must take at most this many times the plain copy
 BUILD_VERSION = 1  # bump when the builder changes, to rebuild the cache
 
@@ -171,6 +175,34 @@ parameters:
 dtype: bfloat16
 """,
     }
+    two = {"base": b, "models": (a, c)}  # the base plus two fine-tunes, each method's natural form
+
+    def task_vectors(method: str, params: str, shared: str = "") -> str:
+        return (f"merge_method: {method}\nbase_model: {b}\nmodels:\n"
+                + "".join(f"  - model: {m}\n    parameters: {{{params}}}\n" for m in two["models"])
+                + (f"parameters: {{{shared}}}\n" if shared else "") + "dtype: bfloat16\n")
+
+    def plain(method: str, shared: str = "", base: bool = True, models=two["models"]) -> str:
+        return (f"merge_method: {method}\n" + (f"base_model: {b}\n" if base else "") + "models:\n"
+                + "".join(f"  - model: {m}\n" for m in models)
+                + (f"parameters: {{{shared}}}\n" if shared else "") + "dtype: bfloat16\n")
+
+    texts.update({
+        "breadcrumbs": task_vectors("breadcrumbs", "weight: 1.0, density: 0.9, gamma: 0.01"),
+        "breadcrumbs_ties": task_vectors("breadcrumbs_ties", "weight: 1.0, density: 0.9, gamma: 0.01"),
+        # density 1: no random draw, so both tools compute the same tensors (the arithmetic is compared)
+        "della": task_vectors("della", "weight: 1.0, density: 1.0, epsilon: 0.1"),
+        "della_linear": task_vectors("della_linear", "weight: 1.0, density: 1.0, epsilon: 0.1"),
+        "model_stock": plain("model_stock"),
+        "nuslerp": task_vectors("nuslerp", "weight: 0.5"),
+        "multislerp": task_vectors("multislerp", "weight: 0.5"),
+        "karcher": plain("karcher", base=False, models=(b, a, c)),
+        "sce": plain("sce", "select_topk: 0.5"),
+        "nearswap": plain("nearswap", "t: 0.001", models=(a,)),
+        "ram": plain("ram"),
+        "ramplus_tl": plain("ramplus_tl"),
+        "arcee_fusion": plain("arcee_fusion", models=(a,)),
+    })
     out = {}
     cfg_dir = work / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,25 @@ def naive_recipes(fam, slerp_pair: tuple[str, str]) -> dict[str, dict]:
             "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts],
             "dtype": "float32",
         },
+        "model_stock_default": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": m} for m in experts],
+            "dtype": "float32",
+        },
+        "della_default": {  # epsilon 0.15, rescale and normalize on: mergekit's defaults
+            "merge_method": "della",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts],
+            "dtype": "float32",
+            "random_seed": 0,
+        },
+        "breadcrumbs_default": {  # gamma 0.01, normalize and rescale off: mergekit's defaults
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.9}} for m in experts],
+            "dtype": "float32",
+        },
     }
 
 

@@ -119,7 +119,10 @@ BAD = {
     "yaml syntax": (TIES + "parameters: [\n", ["not valid YAML"]),
     "missing weight": (TIES.replace("weight: 0.5, density: 0.7", "density: 0.7"),
                        ["models[1].parameters.weight", "missing required parameter 'weight'"]),
-    "union tokenizer": (TIES + "tokenizer_source: union\n", ["tokenizer_source", "not supported"]),
+    "union tokenizer": (TIES + "tokenizer_source: union\n", ["tokenizer_source", "not supported", "mergekit-yaml"]),
+    "tokenizer block": (TIES + "tokenizer:\n  source: union\n", ["tokenizer: block", "mergekit 0.1.5"]),
+    "chat template name": (TIES + "chat_template: vicuna\n", ["chat_template", "unknown chat template name",
+                                                               "chatml or auto"]),
     "duplicate key": (TIES + "parameters: {{normalize: true}}\nparameters: {{int8_mask: true}}\n",
                       ["recipe.yaml:10", "key 'parameters' is given twice (lines 9 and 10)", "merge the two"]),
     "linear weights sum zero": ("merge_method: linear\nmodels:\n  - model: {e0}\n    parameters: {{weight: 1.0}}\n"
@@ -296,3 +299,36 @@ def test_help_promises_only_subcommands_that_exist():
     for verb, command in verbs.items():
         if verb in line:
             assert command in toy_sub.choices, (verb, line, sorted(toy_sub.choices))
+
+
+def test_chat_template_and_no_quantization_config_in_the_output(fam, tmp_path, capsys):
+    """`chat_template: chatml` (or literal Jinja, or auto) lands in the merged tokenizer, which then
+    renders chats; a donor's quantization_config is not copied into the merged float model's config."""
+    from transformers import AutoTokenizer
+
+    donor = tmp_path / "donor"
+    shutil.copytree(fam.base, donor)
+    cfg = json.loads((donor / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf"}
+    (donor / "config.json").write_text(json.dumps(cfg))
+    text = TIES.replace("base_model: {base}", "base_model: {donor}")
+    for template, expect in (("chatml", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+                             ("\"{% for m in messages %}[{{ m['content'] }}]{% endfor %}\"", "[hi]")):
+        p = recipe(tmp_path, text, fam, donor=donor)
+        p.write_text(p.read_text() + f"chat_template: {template}\n")  # braces: not through str.format
+        out = tmp_path / "out"
+        code, _, err = run(capsys, "merge", p, out, "--no-progress", "--overwrite")
+        assert code == 0, err
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+        tok = AutoTokenizer.from_pretrained(out)
+        chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert chat == expect, chat
+    # auto: the template most inputs carry (here: the donor's, set by hand)
+    tc = json.loads((donor / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    (donor / "tokenizer_config.json").write_text(json.dumps(tc))
+    p = recipe(tmp_path, text + "chat_template: auto\n", fam, donor=donor)
+    code, _, err = run(capsys, "merge", p, tmp_path / "auto", "--no-progress")
+    assert code == 0, err
+    assert json.loads((tmp_path / "auto" / "tokenizer_config.json").read_text())["chat_template"] == tc["chat_template"]

@@ -33,15 +33,13 @@ def merge(name, tensors, base=None, model_params=None, global_params=None, gener
 
 
 def test_registry_names_and_lookup():
-    assert methods.names() == (
-        "linear",
-        "slerp",
-        "task_arithmetic",
-        "ties",
-        "dare_ties",
-        "dare_linear",
-        "passthrough",
-    )
+    """Every method mergekit 0.1.5 registers, and no other."""
+    assert methods.names()[:7] == ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                                   "passthrough")
+    assert set(methods.names()) == {
+        "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough",
+        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
+        "karcher", "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion"}
     for name in methods.names():
         assert methods.get(name).name == name
 
@@ -735,8 +733,15 @@ def test_declared_defaults_and_required_match_mergekit_specs():
             expected_kind = "global" if p.scope.value == "shared" else "model"
             assert tunable.kind == expected_kind, (name, tunable.name)
         contract = spec.contract
-        assert ours.model_count == (contract.min_inputs, contract.max_inputs), name
         assert ours.requires_base == (contract.base.value == "required"), name
+        assert ours.optional_base == (contract.base.value == "optional"), name
+        if contract.min_non_base is None and contract.max_non_base is None:
+            assert ours.model_count == (contract.min_inputs, contract.max_inputs), name
+            assert ours.non_base_count is None, name
+        else:  # counted besides the base; the input count follows (with or without the base)
+            low, high = contract.min_non_base or 0, contract.max_non_base
+            assert ours.non_base_count == (low, high), name
+            assert ours.model_count == (max(contract.min_inputs, low), None if high is None else high + 1), name
 
 
 # ---------------------------------------------------------------- fast top-k selection
@@ -810,3 +815,186 @@ def test_magnitude_trim_with_nan_or_many_zeros_matches_mergekit(dtype):
     assert torch.equal(magnitude_trim(delta, 0.2).isnan(), magnitude(delta, 0.2).isnan())
     both = ~magnitude(delta, 0.2).isnan()
     assert torch.equal(magnitude_trim(delta, 0.2)[both], magnitude(delta, 0.2)[both])
+
+
+# ---------------------------------------------------------------- the methods added to match mergekit's 20
+
+
+def test_breadcrumbs_drops_outliers_and_the_smallest_by_hand():
+    base = torch.zeros(10)
+    model = T([3.0, -1.0, 10.0, 5.0, -2.0, 8.0, 4.0, -7.0, 6.0, 9.0])  # |.| ranks: 1<2<3<...<10
+    out = merge("breadcrumbs", {"b": base, "m": model}, "b", {"m": {"weight": 1.0, "density": 0.5, "gamma": 0.1}})
+    # n=10: keep 5, drop the top 1 (10) and the bottom 4 (1, 2, 3, 4) -> keep |.| in {5, 6, 7, 8, 9}
+    assert torch.equal(out, T([0.0, 0.0, 0.0, 5.0, 0.0, 8.0, 0.0, -7.0, 6.0, 9.0]))
+    # density + gamma > 1: the bottom cut vanishes and the top cut shrinks so that density is kept:
+    # keep 9, the 9 smallest (only the largest, 10, is dropped)
+    out = merge("breadcrumbs", {"b": base, "m": model}, "b", {"m": {"weight": 1.0, "density": 0.95, "gamma": 0.5}})
+    assert torch.equal(out, torch.where(model.abs() == 10, 0.0, model))
+
+
+def test_breadcrumbs_ties_elects_signs_after_trimming():
+    base = torch.zeros(4)
+    a, b = T([1.0, -4.0, 2.0, 3.0]), T([-2.0, 1.0, 1.0, -5.0])
+    p = {"a": {"weight": 1.0, "density": 1.0}, "b": {"weight": 1.0, "density": 1.0}}
+    out = merge("breadcrumbs_ties", {"z": base, "a": a, "b": b}, "z", p, {"normalize": True})
+    # sums [-1, -3, 3, -2] elect [-, -, +, -]: entry 0 keeps b (-2), 1 keeps a (-4), 2 both (mean 1.5), 3 b
+    assert torch.equal(out, T([-2.0, -4.0, 1.5, -5.0]))
+
+
+def test_della_keep_probability_rises_with_magnitude():
+    from evomerge.engine.methods.base import della_magprune
+
+    delta = torch.randn(400, 2000, generator=torch.Generator().manual_seed(0))
+    out = della_magprune(delta, 0.5, 0.2, False, torch.Generator().manual_seed(1))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.005  # density is the mean keep rate
+    order = delta.abs().argsort(dim=1)
+    rows = torch.arange(400).unsqueeze(1)
+    smallest, largest = kept[rows, order[:, :200]], kept[rows, order[:, -200:]]
+    assert abs(smallest.float().mean().item() - 0.32) < 0.01  # 0.3 + 0.4 * rank: the bottom decile ~0.32
+    assert abs(largest.float().mean().item() - 0.68) < 0.01
+    rescaled = della_magprune(delta, 0.5, 0.2, True, torch.Generator().manual_seed(1))
+    assert torch.allclose(rescaled.abs().sum(), delta.abs().sum(), rtol=1e-4)  # L1 norm restored
+    assert torch.equal(rescaled != 0, kept)  # same draw
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_della_and_breadcrumbs_sparsifiers_match_mergekit(dtype):
+    from mergekit.sparsify import RescaleNorm
+    from mergekit.sparsify import della_magprune as mk_della
+    from mergekit.sparsify import magnitude_outliers as mk_outliers
+
+    from evomerge.engine.methods.base import della_magprune, magnitude_outliers_trim
+
+    for shape in ((64, 33), (50,)):
+        delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        for rescale in (False, True):
+            norm = RescaleNorm.l1 if rescale else None
+            for density, gamma in ((0.5, 0.01), (0.9, 0.2), (0.3, 0.0)):
+                assert torch.equal(magnitude_outliers_trim(delta, density, gamma, rescale),
+                                   mk_outliers(delta, density, norm, gamma=gamma))
+            torch.manual_seed(11)
+            ref = mk_della(delta, 0.6, 0.2, norm)
+            out = della_magprune(delta, 0.6, 0.2, rescale, torch.Generator().manual_seed(11))
+            assert out.dtype == ref.dtype and torch.equal(out, ref)  # the same draw, to the bit
+
+
+def test_della_epsilon_out_of_range_is_a_config_error():
+    base, m = torch.zeros(6, 5), torch.randn(6, 5)
+    with pytest.raises(ConfigError, match="outside \\(0, 1\\)"):
+        merge("della", {"b": base, "m": m}, "b", {"m": {"weight": 1.0, "density": 0.9, "epsilon": 0.15}},
+              generator=torch.Generator().manual_seed(0))
+    d = methods.get("della")
+    with pytest.raises(ConfigError) as err:
+        d.check_tensor(["b", "m"], "b", {"m": {"weight": 1.0, "density": 0.1, "epsilon": 0.15}}, {}, "x.weight")
+    assert "x.weight" in err.value.where and "epsilon below" in err.value.fix
+
+
+def test_model_stock_by_hand():
+    base = torch.zeros(2, 2)
+    same = torch.ones(2, 2)
+    # identical offsets: cos 1, t = 2 * 1 / (1 + 1) = 1 -> the models' average
+    assert torch.equal(merge("model_stock", {"b": base, "x": same, "y": same.clone()}, "b"), same)
+    # orthogonal offsets: cos 0, t = 0 -> the base
+    x, y = T([[1.0, 0.0], [0.0, 0.0]]), T([[0.0, 1.0], [0.0, 0.0]])
+    assert torch.equal(merge("model_stock", {"b": base, "x": x, "y": y}, "b"), base)
+    # cos 0.5 (60 degrees): t = 2 * 0.5 / 1.5 = 2/3, average (0.5, sqrt(3)/4) flattened
+    x, y = T([1.0, 0.0]), T([0.5, math.sqrt(3) / 2])
+    out = merge("model_stock", {"b": torch.zeros(2), "x": x, "y": y}, "b")
+    assert torch.allclose(out, (2 / 3) * (x + y) / 2, atol=1e-6)
+    # filter_wise: one t per row (row 0 identical offsets -> average, row 1 orthogonal -> base)
+    x, y = T([[2.0, 2.0], [1.0, 0.0]]), T([[2.0, 2.0], [0.0, 1.0]])
+    out = merge("model_stock", {"b": torch.zeros(2, 2), "x": x, "y": y}, "b", None, {"filter_wise": True})
+    assert torch.allclose(out, T([[2.0, 2.0], [0.0, 0.0]]), atol=1e-6)
+
+
+def test_nearswap_by_hand():
+    base, other = T([0.0, 0.0, 0.0]), T([0.001, 0.004, 0.1])
+    out = merge("nearswap", {"b": base, "o": other}, "b", None, {"t": 0.002})
+    # w = clamp(0.002 / |diff|, 0, 1): 1 (swapped in), 0.5, 0.02
+    assert torch.allclose(out, T([0.001, 0.002, 0.002]), atol=1e-7)
+
+
+def test_nuslerp_and_multislerp_and_karcher_meet_at_the_spherical_midpoint():
+    x, y = T([1.0, 0.0]), T([0.0, 1.0])
+    half = T([math.sqrt(0.5), math.sqrt(0.5)])
+    w = {"x": {"weight": 1.0}, "y": {"weight": 1.0}}
+    assert torch.allclose(merge("nuslerp", {"x": x, "y": y}, None, w), half, atol=1e-6)
+    assert torch.allclose(merge("multislerp", {"x": x, "y": y}, None, w), half, atol=1e-6)
+    assert torch.allclose(merge("karcher", {"x": x, "y": y}), half, atol=1e-5)
+    # nuslerp t = w_y / (w_x + w_y): 1/3 of the way from x to y, on the arc
+    out = merge("nuslerp", {"x": x, "y": y}, None, {"x": {"weight": 2.0}, "y": {"weight": 1.0}})
+    assert torch.allclose(out, T([math.cos(math.pi / 6), math.sin(math.pi / 6)]), atol=1e-6)
+    # with a base, the task vectors are interpolated: base + midpoint
+    base = T([5.0, -1.0])
+    out = merge("nuslerp", {"b": base, "x": base + x, "y": base + y}, "b", w)
+    assert torch.allclose(out, base + half, atol=1e-6)
+
+
+def test_sce_by_hand():
+    base = torch.zeros(3)
+    a, b = T([1.0, 2.0, -1.0]), T([3.0, -2.0, -1.0])
+    out = merge("sce", {"z": base, "a": a, "b": b}, "z")
+    # energies mean(tv^2): a 2, b 14/3 -> weights 3/10, 7/10; signs of the sums [+, 0 -> +, -]
+    # entry 0: both agree -> 0.3*1 + 0.7*3 = 2.4; entry 1: only a (+) -> 2; entry 2: both -> -1
+    assert torch.allclose(out, T([2.4, 2.0, -1.0]), atol=1e-6)
+    # variances across the models [1, 4, 0]: 2 non-zero; select_topk 0.5 keeps int(2 * 0.5) = 1, entry 1;
+    # there a (+2) and b (-2) sum to 0, which elects +, so a's 2 remains
+    out = merge("sce", {"z": base, "a": a, "b": b}, "z", None, {"select_topk": 0.5})
+    assert torch.allclose(out, T([0.0, 2.0, 0.0]), atol=1e-6)
+    # 0.34 keeps int(0.68) = 0 entries: nothing is merged
+    assert torch.equal(merge("sce", {"z": base, "a": a, "b": b}, "z", None, {"select_topk": 0.34}), base)
+
+
+def test_ram_and_ramplus_by_hand():
+    base = torch.zeros(3)
+    a, b = T([1.0, 0.0, 2.0]), T([0.0, 0.0, 4.0])
+    # entry 0 changed by a alone (taken whole), entry 2 by both (averaged)
+    assert torch.equal(merge("ram", {"z": base, "a": a, "b": b}, "z"), T([1.0, 0.0, 3.0]))
+    out = merge("ramplus_tl", {"z": base, "a": a, "b": b}, "z", None, {"r": 0.1, "alpha": 0.2})
+    # a: 1 shared, 1 unique -> rho 1, capped at alpha 0.2 -> its unique entry x 1.02
+    assert torch.allclose(out, T([1.02, 0.0, 3.0]), atol=1e-6)
+
+
+def test_arcee_fusion_against_an_independent_numpy_reference():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(16, 12, generator=g)
+    other = base + 0.01 * torch.randn(16, 12, generator=g)
+    other[3] += torch.randn(12, generator=g)  # one row changed a lot
+    out = merge("arcee_fusion", {"b": base, "o": other}, "b")
+    b, o = base.double().numpy(), other.double().numpy()
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True) + 1e-8
+
+    kl = (softmax(o) * np.log(softmax(o) / softmax(b))).sum(axis=-1, keepdims=True)
+    importance = np.abs(o - b) * kl
+    flat = np.sort(importance.reshape(-1))
+    q1, med, q3 = (flat[int(q * (flat.size - 1))] for q in (0.25, 0.5, 0.75))
+    keep = importance >= med + 1.5 * (q3 - q1)
+    assert keep[3].all() and keep.sum() < keep.size / 4  # the changed row whole, and few others
+    assert np.array_equal(out.numpy() != base.numpy(), keep)  # untouched exactly where not taken
+    assert np.allclose(out.numpy(), np.where(keep, o, b))
+
+
+@pytest.mark.parametrize("case, message", [
+    (("nearswap", 3), "takes exactly 2 input models"),
+    (("model_stock", 2), "takes at least 3 input models"),
+    (("arcee_fusion", 3), "takes exactly 2 input models"),
+    (("nuslerp", 4), "takes between 2 and 3 input models"),
+    (("nuslerp", 2), "merges exactly 2 models besides the base"),
+])
+def test_model_count_mistakes(case, message):
+    name, n = case
+    names = [f"m{i}" for i in range(n)]
+    with pytest.raises(ConfigError, match=message):
+        methods.get(name).check_models(names[1:], names[0])
+
+
+def test_karcher_with_an_unlisted_base_is_refused():
+    with pytest.raises(ConfigError, match="karcher treats every model alike") as err:
+        methods.get("karcher").check_models(["a", "b"], "base")
+    assert err.value.where == "base_model"
+    assert methods.get("karcher").check_models(["base", "a", "b"], "base") == ["base", "a", "b"]

@@ -26,6 +26,8 @@ def valid_value(tunable: Tunable):
     """A valid, non-default value (so every parameter path is exercised)."""
     if tunable.type == "bool":
         return not tunable.default if tunable.default is not None else True
+    if tunable.type == "int":
+        return int(tunable.low or 0) + 2
     low, high = tunable.search_range or (tunable.low or 0.0, tunable.high or 1.0)
     value = low + 0.37 * (high - low)
     tunable.check(value, "probe")
@@ -35,8 +37,11 @@ def valid_value(tunable: Tunable):
 def setup(method: MergeMethod, dtype=torch.float32, shape=(6, 5), seed=0):
     low, high = method.model_count
     count = max(low, 3) if high is None else min(max(low, 3), high)
+    if method.non_base_count is not None:  # a base (where it may have one) plus the others it counts
+        nlow, nhigh = method.non_base_count
+        count = int(method.takes_base) + (max(nlow, 2) if nhigh is None else min(max(nlow, 2), nhigh))
     names = [f"m{i}" for i in range(count)]
-    base = names[0] if method.requires_base else None
+    base = names[0] if method.takes_base else None
     g = torch.Generator().manual_seed(seed)
     first = torch.randn(shape, generator=g)
     tensors = {n: (first + 0.5 * torch.randn(shape, generator=g)).to(dtype) for n in names}
@@ -67,7 +72,7 @@ def test_declares_tunables_once_and_coherently(method):
     assert all(t.kind == "model" for t in method.tensor_params)
     assert all(t.kind == "global" for t in method.global_params)
     for t in method.tunables:
-        assert t.type in ("float", "bool")
+        assert t.type in ("float", "int", "bool")
         assert not (t.required and t.default is not None), t.name
         if t.default is not None:
             assert t.check(t.default, "default") == t.default, t.name
@@ -198,6 +203,13 @@ def test_base_rules(method):
         assert info.value.where == "base_model"
         with pytest.raises(ConfigError):
             method.merge(tensors, "not-an-input", model_params, global_params)
+    elif method.optional_base:
+        # with a base: task vectors against it; without (the base dropped): the models themselves
+        others = {n: t for n, t in tensors.items() if n != base}
+        params = {n: p for n, p in model_params.items() if n != base}
+        with_base = method.merge(tensors, base, model_params, global_params)
+        without = method.merge(others, None, params, global_params)
+        assert with_base.shape == without.shape and not torch.equal(with_base, without)
     else:
         # a base name is irrelevant to base-less methods: same result either way
         first = next(iter(tensors))

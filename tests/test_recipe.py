@@ -64,7 +64,7 @@ def test_random_seed_is_kept_and_written():
         ("merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n",
          "slices[0].sources[0].layer_range", None),
         ("merge_method: linear\nmodels:\n  - model: a\ndtype: fp16\n", "dtype", "bfloat16"),
-        ("merge_method: linear\nmodels:\n  - model: a\ntokenizer: {source: base}\n", "tokenizer", "not support"),
+        ("merge_method: linear\nmodels:\n  - model: a\nmodules: {text: {}}\n", "modules", "not support"),
     ],
 )
 def test_schema_errors_name_the_field(text, where, fix):

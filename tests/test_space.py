@@ -166,3 +166,33 @@ def test_split_forms(tmp_path):
     both = SLERP.replace("objective:\n", "objective:\n  splits: {search: dev, carve: {search: 0.5, select: 0.25, report: 0.25}}\n")
     with pytest.raises(ConfigError, match="either split names"):
         load_space(write_space(tmp_path, both))
+
+
+def test_every_method_is_searchable_with_its_tunables(tmp_path):
+    """The shipped 15-method choice loads; every baseline becomes a recipe that passes the engine's
+    checks; DELLA's epsilon and Breadcrumbs' gamma are search dimensions; nuslerp (optional base) and
+    nearswap (base + 1) build with the space's base."""
+    from evomerge.engine.merge import check_recipe
+    from evomerge.engine.recipe import MergeRecipe
+    from evomerge.search.suggest import baseline_params, build_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    space = load_space(root / "search_spaces" / "toy_method_choice_all.yaml")
+    names = {d.name for d in space.all_dimensions()}
+    assert {"della.epsilon.up", "breadcrumbs.gamma.rev", "sce.select_topk", "ramplus_tl.r"} <= names
+    labels = []
+    for label, params in baseline_params(space):
+        check_recipe(MergeRecipe.from_yaml(build_recipe(space, params).to_yaml()))
+        labels.append(label)
+    assert len(labels) == 15
+    for method, models, given in (("nuslerp", "[toy:up, toy:rev]", "{weight: {low: 0.0, high: 1.0}}"),
+                                  ("nearswap", "[toy:up]", "{t: {low: 0.0, high: 0.01}}")):
+        p = tmp_path / f"{method}.yaml"
+        p.write_text(f"models: {models}\nbase_model: toy:base\nmethod: {method}\n"
+                     f"parameters: {{{method}: {given}}}\nobjective: {{tasks_dir: toy, tasks: [toy_up]}}\n")
+        s = load_space(p)
+        base, inputs = s.roles(method)
+        assert base.name == "base" and [m.name for m in inputs] == models.strip("[]").replace("toy:", "").split(", ")
+        recipe = build_recipe(s, baseline_params(s)[0][1])
+        assert recipe.base_model == base.path and [m.model for m in recipe.models] == [m.path for m in inputs]
+        check_recipe(recipe)

@@ -156,8 +156,17 @@ def check_recipe(recipe: MergeRecipe) -> "MergeMethod":
             method.check_models([src.model for src in s.sources], s.base_model or recipe.base_model,
                                 where=f"slices[{i}].sources", append_base=False)
     if recipe.tokenizer_source == "union":
-        raise ConfigError("tokenizer_source: union is not supported by evomerge", where="tokenizer_source",
-                          fix="merge models that share a tokenizer and use tokenizer_source: base or a model path")
+        raise ConfigError("tokenizer_source: union (mergekit 0.1.5 builds a union vocabulary and new embedding rows) "
+                          "is not supported by evomerge", where="tokenizer_source",
+                          fix="merge models that share a tokenizer and use tokenizer_source: base or a model path, "
+                              "or run this recipe with mergekit-yaml")
+    if recipe.tokenizer is not None:
+        raise ConfigError("the tokenizer: block (mergekit 0.1.5: a union or chosen vocabulary with per-token "
+                          "embedding sources) is not supported by evomerge", where="tokenizer",
+                          fix="merge models that share a tokenizer and use tokenizer_source: base or a model path, "
+                              "or run this recipe with mergekit-yaml")
+    if recipe.chat_template is not None:
+        chat_template_text(recipe, None)  # a name we do not know, or text that is no template
     if recipe.tokenizer_source == "base" and not recipe.base_model:
         raise ConfigError("tokenizer_source: base needs a base_model", where="tokenizer_source",
                           fix="add base_model, or give a model path as tokenizer_source")
@@ -309,6 +318,9 @@ def _structure(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources"):
     non_layer(slices[-1], len(slices) - 1, pre=False)
 
     out_config = json.loads(json.dumps(dck.config))
+    # a merged float model is not quantized: a donor's quantization_config (a GGUF or bitsandbytes
+    # conversion leaves one) would make every later load try to dequantize it
+    out_config.pop("quantization_config", None)
     if recipe.slices:
         out_config["num_hidden_layers"] = out_layer
         if "n_layer" in out_config:
@@ -669,6 +681,8 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
+        if recipe.chat_template:
+            _write_chat_template(tmp, chat_template_text(recipe, sources))
         (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
         (tmp / "README.md").write_text(render_card(card_facts(recipe, recipe_text, p, sources, out.name)),
                                        encoding="utf-8")
@@ -738,6 +752,55 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
         seed = recipe.random_seed if recipe.random_seed is not None else DEFAULT_SEED
         lines.append(f"  random_seed {seed}" + ("" if recipe.random_seed is not None else " (default; add random_seed to pin it)"))
     return "\n".join(lines)
+
+
+# Named chat templates, as mergekit names them. Only ChatML is built in (a public, fixed format); for
+# another name, paste the template's Jinja text into `chat_template:`.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+          "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+NAMED_TEMPLATES = {"chatml": CHATML}
+
+
+def chat_template_text(recipe: MergeRecipe, sources: "Sources | None") -> str:
+    """The Jinja text a recipe's `chat_template:` asks for: literal Jinja, a name (chatml), or `auto`
+    (the template most of the input models' tokenizers carry). With `sources` None, only checks."""
+    value = recipe.chat_template
+    if "{" in value or "\n" in value:
+        if len(value) < 20:
+            raise ConfigError(f"chat_template {value!r} is too short to be a Jinja template", where="chat_template",
+                              fix="give a template's Jinja text, `chatml`, or `auto`")
+        return value
+    if value == "auto":
+        if sources is None:
+            return value
+        from collections import Counter
+
+        found = Counter()
+        for model in recipe.referenced_models():
+            cfg = sources.path(model) / "tokenizer_config.json"
+            text = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template") if cfg.is_file() else None
+            if isinstance(text, str):
+                found[text] += 1
+        if not found:
+            raise ConfigError("chat_template: auto, but none of the input models' tokenizers has a chat template",
+                              where="chat_template", fix="give the template's Jinja text, or `chatml`")
+        return found.most_common(1)[0][0]
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    raise ConfigError(f"unknown chat template name {value!r}", where="chat_template",
+                      fix="use chatml or auto, or paste the template's Jinja text (mergekit 0.1.5 also names "
+                          "alpaca, exaone, llama3, mistral from its own data files)")
+
+
+def _write_chat_template(folder: Path, template: str) -> None:
+    """Put `template` into the merged tokenizer's config (where transformers reads it)."""
+    cfg = folder / "tokenizer_config.json"
+    data = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    data["chat_template"] = template
+    cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for stale in ("chat_template.jinja", "chat_template.json"):  # these would win over the config
+        (folder / stale).unlink(missing_ok=True)
 
 
 def _human(n: int) -> str:

@@ -105,6 +105,8 @@ class MergeRecipe(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     tokenizer_source: str | None = None
+    tokenizer: dict | None = None  # mergekit's tokenizer: block; refused with a reason (merge.check_recipe)
+    chat_template: str | None = None  # Jinja text, a name (chatml), or auto
     random_seed: int | None = None
 
     @model_validator(mode="after")
@@ -300,7 +302,7 @@ def _config_error(exc: ValidationError, data: dict, source: str | None) -> Confi
         known = _FIELDS[kind]
         close = difflib.get_close_matches(key, known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"allowed keys here: {', '.join(known)}"
-        if key in ("tokenizer", "chat_template", "modules", "residual_weight"):
+        if key in ("modules", "residual_weight"):
             fix = f"'{key}' is a mergekit option evomerge does not support; remove it"
         return ConfigError(f"unknown key '{key}'", where=where, fix=fix)
     if err["type"] == "missing":

@@ -80,7 +80,7 @@ class ParamSpec(_Strict):
 
     name: str
     kind: Literal["model", "global"]
-    type: Literal["float", "bool"]
+    type: Literal["float", "int", "bool"]
     fixed: Any = None
     low: float | None = None
     high: float | None = None
@@ -505,6 +505,8 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
     """Which models a `method` recipe merges, and which is its base.
 
     - Methods without a base (linear): the listed models, each an ordinary input.
+    - Methods with an optional base (nuslerp, multislerp): the space's base_model, if any, and the
+      other listed models.
     - Methods with a base: the space's base_model when base + models fit the method's input count
       (ties, dare, task_arithmetic); for a method with a fixed small input count (slerp: two) the
       first listed model is the base (slerp's t = 0 end) and the next ones fill the other inputs.
@@ -513,6 +515,8 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
 
     impl = registry.get(method)
     models = space.models
+    if impl.optional_base:  # nuslerp, multislerp: task vectors against the base when the space has one
+        return space.base, tuple(m for m in models if space.base is None or m.path != space.base.path)
     if not impl.requires_base:
         return None, models
     low, high = impl.model_count
@@ -545,6 +549,13 @@ def _method_space(name: str, given: dict, partial: SearchSpace, where: str, pwhe
                           fix=(f"list {high} models for {name} (the first is its base), or use a method that "
                                "merges more (linear, task_arithmetic, ties)") if high is not None and count > high
                           else "change models/base_model or the method")
+    if impl.non_base_count is not None:
+        low, high = impl.non_base_count
+        others = len(inputs) - int(base is not None and base.path in {m.path for m in inputs})
+        if others < low or (high is not None and others > high):
+            need = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+            raise ConfigError(f"{name} merges {need} models besides the base, this space gives {others}",
+                              where=where, fix="change models or the method")
     for key in given:
         impl.check_param_name(key, f"{pwhere}.{key}")
     params = []

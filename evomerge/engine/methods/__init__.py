@@ -9,17 +9,29 @@ from __future__ import annotations
 import difflib
 
 from evomerge.errors import ConfigError
+from evomerge.engine.methods.arcee_fusion import ArceeFusion
 from evomerge.engine.methods.base import MergeMethod, Tunable
+from evomerge.engine.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from evomerge.engine.methods.dare import DareLinear, DareTies
+from evomerge.engine.methods.della import Della, DellaLinear
+from evomerge.engine.methods.karcher import Karcher
 from evomerge.engine.methods.linear import Linear
+from evomerge.engine.methods.model_stock import ModelStock
+from evomerge.engine.methods.multislerp import MultiSlerp
+from evomerge.engine.methods.nearswap import NearSwap
+from evomerge.engine.methods.nuslerp import NuSlerp
 from evomerge.engine.methods.passthrough import Passthrough
+from evomerge.engine.methods.ram import Ram, RamPlusTl
+from evomerge.engine.methods.sce import Sce
 from evomerge.engine.methods.slerp import Slerp
 from evomerge.engine.methods.task_arithmetic import TaskArithmetic
 from evomerge.engine.methods.ties import Ties
 
 _REGISTRY: dict[str, MergeMethod] = {
     m.name: m
-    for m in (Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Passthrough())
+    for m in (Linear(), Slerp(), TaskArithmetic(), Ties(), DareTies(), DareLinear(), Passthrough(),
+              Breadcrumbs(), BreadcrumbsTies(), Della(), DellaLinear(), ModelStock(), NuSlerp(), MultiSlerp(),
+              Karcher(), Sce(), NearSwap(), Ram(), RamPlusTl(), ArceeFusion())
 }
 
 __all__ = ["MergeMethod", "Tunable", "get", "names"]

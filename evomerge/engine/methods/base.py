@@ -38,7 +38,8 @@ class Tunable:
     exclusive (density is in (0, 1]). `search_low`/`search_high` are the suggested range for a
     search (default: the valid range); a search may only tune a tunable with `searchable=True`.
     `kind="model"` values are given per input model (weight, density); `kind="global"` values are
-    shared by all inputs of a tensor (t, lambda, normalize). `type` is "float" or "bool".
+    shared by all inputs of a tensor (t, lambda, normalize). `type` is "float", "int" (a whole number,
+    karcher's max_iter) or "bool".
     A tunable with `default=None` and `required=False` is simply absent unless given (passthrough's
     `scale`).
     """
@@ -50,7 +51,7 @@ class Tunable:
     required: bool = False
     kind: Kind = "model"
     searchable: bool = True
-    type: Literal["float", "bool"] = "float"
+    type: Literal["float", "int", "bool"] = "float"
     low_open: bool = False
     high_open: bool = False
     search_low: float | None = None
@@ -71,6 +72,8 @@ class Tunable:
     def describe_range(self) -> str:
         if self.type == "bool":
             return "true or false"
+        if self.type == "int" and self.high is None and self.low is not None:
+            return f"a whole number >= {self.low:g}"
         if self.low is None and self.high is None:
             return "a finite number"
         left = "(" if self.low_open else "["
@@ -96,6 +99,10 @@ class Tunable:
                 fix=f"set {self.name} to {self.describe_range()}",
             )
         number = float(value)
+        if self.type == "int":
+            if not math.isfinite(number) or not number.is_integer():
+                raise ConfigError(f"{self.name} must be a whole number, got {value!r}", where=where,
+                                  fix=f"set {self.name} to {self.describe_range()}")
         if not math.isfinite(number):
             raise ConfigError(
                 f"{self.name} must be finite, got {value!r}",
@@ -114,7 +121,7 @@ class Tunable:
                 where=where,
                 fix=f"set {self.name} to {self.describe_range()}",
             )
-        return number
+        return int(number) if self.type == "int" else number
 
 
 class MergeMethod:
@@ -129,10 +136,16 @@ class MergeMethod:
         base_takes_model_params: whether the base input also gets per-model values (linear: yes, the
             base is an ordinary input; task arithmetic family: no, only non-base models do).
         uses_generator: whether `merge` draws random numbers (DARE).
+        optional_base: the method works with or without a base, and treats it as the base when one is
+            given (nuslerp, multislerp: task vectors against it); `requires_base` implies it.
+        non_base_count: (min, max or None) number of inputs other than the base, when the method
+            counts them (nuslerp: exactly 2), checked besides `model_count`.
     """
 
     name: ClassVar[str]
     requires_base: ClassVar[bool] = False
+    optional_base: ClassVar[bool] = False
+    non_base_count: ClassVar[tuple[int, int | None] | None] = None
     model_count: ClassVar[tuple[int, int | None]] = (1, None)
     tensor_params: ClassVar[tuple[Tunable, ...]] = ()
     global_params: ClassVar[tuple[Tunable, ...]] = ()
@@ -141,6 +154,11 @@ class MergeMethod:
     reference_url: ClassVar[str] = ""
 
     # ---- declarations ---------------------------------------------------------------------
+    @property
+    def takes_base(self) -> bool:
+        """Whether a given base model has the base's role (not that of an ordinary input)."""
+        return self.requires_base or self.optional_base
+
     @property
     def tunables(self) -> tuple[Tunable, ...]:
         return self.tensor_params + self.global_params
@@ -153,7 +171,7 @@ class MergeMethod:
 
     def params_for(self, model: str, base: str | None) -> tuple[Tunable, ...]:
         """The per-model tunables that `model` takes (none for the base of a base-aware method)."""
-        if self.requires_base and model == base and not self.base_takes_model_params:
+        if self.takes_base and model == base and not self.base_takes_model_params:
             return ()
         return self.tensor_params
 
@@ -238,6 +256,19 @@ class MergeMethod:
                 where=where,
                 fix=f"give {self.name} {need} models",
             )
+        if self.non_base_count is not None:
+            low, high = self.non_base_count
+            has_base = self.takes_base and base is not None and base in order
+            others = count - int(has_base)
+            if others < low or (high is not None and others > high):
+                need = f"exactly {low}" if high == low else (f"at least {low}" if high is None else
+                                                             f"between {low} and {high}")
+                raise ConfigError(
+                    f"merge method {self.name!r} merges {need} models besides the base, got {others}",
+                    where=where,
+                    fix=f"give {self.name} {need} models" + (" plus an optional base_model" if self.optional_base
+                                                            else ""),
+                )
         return order
 
     def check_tensor(self, models: list[str], base: str | None, model_params: dict[str, dict],
@@ -271,7 +302,7 @@ class MergeMethod:
         if not tensors:
             raise ConfigError(f"merge method {self.name!r} got no input tensors", where="models")
         names = list(tensors)
-        base_name = base if (self.requires_base and base is not None) else None
+        base_name = base if (self.takes_base and base is not None) else None
         self.check_models(names, base_name, where="models", append_base=False)
         values = [tensors[n] for n in names]
         first = values[0]
@@ -504,6 +535,73 @@ def bernoulli_drop(
     probs = torch.full_like(delta, density, dtype=work)
     mask = torch.bernoulli(probs, generator=generator)
     return masked_l1_rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+
+
+def magnitude_outliers_trim(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Model Breadcrumbs: drop the `gamma` fraction of largest entries (outliers) AND the smallest ones,
+    keeping `density` of the task vector.
+
+    mergekit 0.1.5 `sparsify.magnitude_outliers`: density >= 1 returns `delta` itself. Otherwise, with
+    n entries, keep = int(density * n), top = int(gamma * n), bottom = max(0, n - keep - top); the
+    entries are ranked by an ascending sort of |delta| (float32 on CPU) and ranks
+    [bottom, bottom + keep) are kept (so the outlier cut shrinks when density + gamma > 1), in
+    `delta`'s dtype, then optionally L1-rescaled."""
+    import torch
+
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    order = torch.sort(w, descending=False).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[bottom : bottom + keep]] = 1
+    return masked_l1_rescaled(delta, mask.reshape(delta.shape), rescale)
+
+
+def della_magprune(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DELLA's MagPrune: drop entries at random, the smaller ones more often.
+
+    mergekit 0.1.5 `sparsify.della_magprune`: density >= 1 returns `delta` (no draw); density <= 0
+    gives zeros. Per row (a 1-d tensor is one row), entries are ranked by magnitude (an ascending
+    argsort of |delta| in its own dtype; rank 1 = smallest); the keep probability rises linearly with
+    the normalised rank from density - epsilon to density + epsilon (both must lie in (0, 1): see
+    `check_della`). ONE `torch.bernoulli` call draws the mask with `generator`, in the work dtype
+    (bfloat16 stays bfloat16 on CPU; float16/32/64 work in float32); the kept entries are optionally
+    L1-rescaled (per tensor) and the result is cast back. A row of one entry, where the rank cannot be
+    normalised (0/0 in mergekit), gets probability `density`."""
+    import torch
+
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    shape = delta.shape
+    work = delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 else torch.float32
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta  # 1-d (and 0-d): one row
+    ranks = rows.abs().argsort(dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    span = high - low
+    scaled = torch.where(span > 0, (ranks - low) / torch.where(span > 0, span, 1), 0.5).clamp(0, 1)
+    probs = (density - epsilon) + scaled * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    return masked_l1_rescaled(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
+
+
+def check_della(density: float, epsilon: float, where: str) -> None:
+    """DELLA keeps entries with probabilities density -/+ epsilon: both must be in (0, 1)."""
+    if density < 1 and density > 0 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ConfigError(
+            f"density {density:g} with epsilon {epsilon:g} gives keep probabilities "
+            f"{density - epsilon:g} to {density + epsilon:g}, outside (0, 1)",
+            where=where,
+            fix="choose epsilon below min(density, 1 - density), e.g. density 0.5 with epsilon 0.15",
+        )
 
 
 def sign_election_mask(deltas: torch.Tensor, int8_mask: bool = False) -> torch.Tensor:

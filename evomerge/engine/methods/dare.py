@@ -20,15 +20,7 @@ order tensors are merged in. With generator=None torch's global RNG is used, as 
 from __future__ import annotations
 
 from evomerge.engine.methods.base import bernoulli_drop
-from evomerge.engine.methods.task_arithmetic import (
-    TaskArithmetic,
-    density_tunable,
-    int8_mask_tunable,
-    lambda_tunable,
-    normalize_tunable,
-    rescale_tunable,
-    weight_tunable,
-)
+from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 
 class _Dare(TaskArithmetic):
@@ -43,20 +35,10 @@ class _Dare(TaskArithmetic):
 class DareTies(_Dare):
     name = "dare_ties"
     consensus = True
-    global_params = (
-        int8_mask_tunable(),
-        normalize_tunable(False),
-        rescale_tunable(True, effective=True),
-        lambda_tunable(),
-    )
+    global_params = family_globals(normalize=False, rescale=True)
 
 
 class DareLinear(_Dare):
     name = "dare_linear"
     consensus = False
-    global_params = (
-        int8_mask_tunable(),
-        normalize_tunable(False),
-        rescale_tunable(True, effective=True),
-        lambda_tunable(),
-    )
+    global_params = family_globals(normalize=False, rescale=True)

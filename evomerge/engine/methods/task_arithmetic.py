@@ -104,6 +104,16 @@ def int8_mask_tunable() -> Tunable:
     )
 
 
+def family_globals(*, normalize: bool, rescale: bool, sparsifies: bool = True) -> tuple[Tunable, ...]:
+    """The shared options of every task-vector method, with that method's defaults (mergekit's)."""
+    return (
+        int8_mask_tunable(),
+        normalize_tunable(normalize),
+        rescale_tunable(rescale, effective=sparsifies),
+        lambda_tunable(),
+    )
+
+
 class TaskArithmetic(MergeMethod):
     """base + lambda * sum_i weight_i * (model_i - base); no sparsification, no consensus."""
 
@@ -114,12 +124,7 @@ class TaskArithmetic(MergeMethod):
     reference_url = "https://arxiv.org/abs/2212.04089"
     consensus: ClassVar[bool] = False
     tensor_params = (weight_tunable(), density_tunable(effective=False))
-    global_params = (
-        int8_mask_tunable(),
-        normalize_tunable(False),
-        rescale_tunable(False, effective=False),
-        lambda_tunable(),
-    )
+    global_params = family_globals(normalize=False, rescale=False, sparsifies=False)
 
     def sparsify(
         self,

@@ -14,15 +14,7 @@ several equal-magnitude entries survive.
 from __future__ import annotations
 
 from evomerge.engine.methods.base import magnitude_trim
-from evomerge.engine.methods.task_arithmetic import (
-    TaskArithmetic,
-    density_tunable,
-    int8_mask_tunable,
-    lambda_tunable,
-    normalize_tunable,
-    rescale_tunable,
-    weight_tunable,
-)
+from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 
 class Ties(TaskArithmetic):
@@ -30,12 +22,7 @@ class Ties(TaskArithmetic):
     reference_url = "https://arxiv.org/abs/2306.01708"
     consensus = True
     tensor_params = (weight_tunable(), density_tunable(effective=True))
-    global_params = (
-        int8_mask_tunable(),
-        normalize_tunable(True),
-        rescale_tunable(False, effective=True),
-        lambda_tunable(),
-    )
+    global_params = family_globals(normalize=True, rescale=False)
 
     def __init__(self, *, exact_ties: bool = True):
         self.exact_ties = exact_ties
