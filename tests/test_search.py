@@ -281,6 +281,10 @@ def test_resume_keeps_the_studys_settings_unless_a_flag_overrides(tmp_path):
                       write=False, log=logs.append)
     assert len(completed(more.study)) == 6 and more.space.budget.sampler == "random"
     assert any("--trials 6 overrides the study's trials 4" in line for line in logs), logs
+    # the override is remembered: the next plain re-run keeps 6, not the file's 16 nor the first 4
+    again = run_search(make_space(tmp_path), out, executor=FakeExecutor(), progress=False, select=False,
+                       write=False, log=logs.append)
+    assert len(again.study.trials) == 6 and again.space.budget.trials == 6
 
 
 def test_extending_a_reported_study_is_refused_unless_reopened(tmp_path):

@@ -173,11 +173,12 @@ def create_study(
         study.set_user_attr("space_fingerprint", space.fingerprint())
         study.set_user_attr("space_name", space.name)
         study.set_user_attr("seed", seed)
-        study.set_user_attr(BUDGET_ATTR, space.budget.model_dump(mode="json", include=set(_KEPT)) | {"seed": seed})
         if space.budget.baselines and name != "grid":
             for label, params in baseline_params(space):
                 study.enqueue_trial(params, user_attrs={ROLE: label}, skip_if_exists=True)
     study.set_user_attr("sampler", name)
+    # the settings this run goes on with (a flag's override is remembered by the next resume)
+    study.set_user_attr(BUDGET_ATTR, space.budget.model_dump(mode="json", include=set(_KEPT)) | {"seed": seed})
     return study, info
 
 
