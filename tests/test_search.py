@@ -314,3 +314,32 @@ def test_extending_a_reported_study_is_refused_unless_reopened(tmp_path):
 
 def load_study_of(out):
     return optuna.load_study(study_name="evomerge", storage=default_storage(out))
+
+
+def test_identical_candidates_are_not_scored_twice(tmp_path):
+    """A proposal whose recipe equals a finished trial's reuses its score (never reaching a worker),
+    records the trial it came from, and says so in trials.csv, report.md and the summary."""
+    from evomerge.search.loop import recipe_key
+    from evomerge.search.report import summary
+    from evomerge.search.suggest import build_recipe
+
+    space = make_space(tmp_path, trials=3, sampler="random")
+    out = tmp_path / "run"
+    first = run_search(space, out, executor=FakeExecutor(), progress=False, select=False, write=False)
+    done = completed(first.study)
+    # the next proposal is pinned to a finished trial's parameters: it must not reach the executor
+    twin = done[1]
+    first.study.enqueue_trial(twin.params)
+    ex = FakeExecutor()
+    logs = []
+    again = run_search(space.with_overrides(trials=4), out, executor=ex, progress=False, log=logs.append)
+    assert [j for j in ex.jobs if j.split == "search"] == []
+    last = again.study.trials[-1]
+    assert last.user_attrs["reused_from"] == twin.number and last.value == twin.value
+    assert last.user_attrs["recipe_key"] == recipe_key(build_recipe(space, twin.params).to_dict())
+    assert again.info["reused"] == 1
+    assert "1 reused the score of an identical recipe" in summary(again)
+    assert "1 reused the score of an identical, earlier recipe" in (out / "report.md").read_text()
+    rows = (out / "trials.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert rows[-1].split(",")[header.index("reused_from")] == str(twin.number)

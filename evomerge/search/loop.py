@@ -152,8 +152,9 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     bar = _Progress(progress, target, min(done, target))
     live: dict[int, Any] = {}  # trial number -> optuna Trial
     recipes: dict[int, dict] = {}  # trial number -> recipe dict (resubmitted after a low-fidelity score)
-    stats = {"completed": 0, "failed": 0, "pruned": 0}
+    stats = {"completed": 0, "failed": 0, "pruned": 0, "reused": 0}
     best = [_best_value(study)]
+    scored = _scored_recipes(study, space)  # recipe key -> the COMPLETE trial that scored it
 
     def progressed(value=None) -> None:
         if isinstance(value, float) and (best[0] is None or value > best[0]):
@@ -177,6 +178,19 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                     done += 1
                     progressed()
                     continue
+                key = recipe_key(recipe.to_dict())
+                trial.set_user_attr(RECIPE_KEY, key)
+                twin = scored.get(key)
+                if twin is not None:  # the same recipe was scored already: reuse, do not merge again
+                    trial.set_user_attr(REUSED_FROM, twin["number"])
+                    trial.set_user_attr("tasks", twin["tasks"])
+                    values = twin["values"]
+                    study.tell(trial, values if len(values) > 1 else values[0])
+                    stats["completed"] += 1
+                    stats["reused"] += 1
+                    done += 1
+                    progressed(values[0] if len(values) == 1 else None)
+                    continue
                 live[trial.number] = trial
                 recipes[trial.number] = recipe.to_dict()
                 executor.submit(TrialJob(trial.number, recipes[trial.number], split, low or budget.limit,
@@ -192,6 +206,10 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                     continue
                 finished, value = _handle(study, space, trial, recipes[outcome.number], outcome, fail, stats,
                                           executor, score, ScoreError)
+                if finished and value is not None:
+                    scored.setdefault(trial.user_attrs.get(RECIPE_KEY), {
+                        "number": trial.number, "values": list(value) if isinstance(value, tuple) else [value],
+                        "tasks": trial.user_attrs.get("tasks", {})})
                 if finished:
                     del live[outcome.number]
                     del recipes[outcome.number]
@@ -224,6 +242,35 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     finally:
         bar.close()
     return stats
+
+
+RECIPE_KEY = "recipe_key"  # trial user attribute: hash of the recipe it merged (identical candidates)
+REUSED_FROM = "reused_from"  # trial user attribute: the trial whose score an identical recipe reused
+
+
+def recipe_key(recipe: dict) -> str:
+    """A stable hash of a recipe (after build_recipe's clipping and rounding): equal for equal merges."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _scored_recipes(study, space: SearchSpace) -> dict[str, dict]:
+    """Recipe key -> {number, values, tasks} of the first COMPLETE trial that scored that recipe."""
+    from optuna.trial import TrialState
+
+    from evomerge.search.suggest import build_recipe
+
+    out: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        key = t.user_attrs.get(RECIPE_KEY)
+        if key is None:  # a study made before keys were recorded
+            try:
+                key = recipe_key(build_recipe(space, t.params).to_dict())
+            except EvomergeError:
+                continue
+        out.setdefault(key, {"number": t.number, "values": list(t.values), "tasks": t.user_attrs.get("tasks", {})})
+    return out
 
 
 def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stats, executor, score,
@@ -271,7 +318,7 @@ def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stat
 # --- selection and report ------------------------------------------------------------------------
 def top_trials(study, space: SearchSpace, k: int) -> list:
     """The k best COMPLETE trials by search score (for several objectives: the Pareto front ranked by
-    the weighted mixture), one per distinct recipe."""
+    the weighted mixture), one per distinct recipe (trials that reused another's score are the same)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -289,7 +336,7 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
     ranked = sorted(trials, key=key, reverse=True)
     seen, out = set(), []
     for t in ranked:
-        sig = json.dumps(t.params, sort_keys=True, default=str)
+        sig = t.user_attrs.get(RECIPE_KEY) or json.dumps(t.params, sort_keys=True, default=str)
         if sig in seen:
             continue
         seen.add(sig)

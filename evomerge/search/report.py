@@ -124,7 +124,7 @@ def trials_csv(study, space) -> str:
     task_names = [t.task for t in space.objective.tasks]
     multi = space.objective.multi_objective
     value_cols = [f"value_{t}" for t in task_names] if multi else ["value"]
-    attr_cols = ["role", "fail_reason"]
+    attr_cols = ["role", "fail_reason", "reused_from"]
     timing_cols = ["setup", "merge", "eval", "total", "worker"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -150,11 +150,15 @@ def report_md(result, storage: str, plots: list[str]) -> str:
     from optuna.trial import TrialState
 
     states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
+    reused = 0
     for t in study.get_trials(deepcopy=False):
         if t.state.name in states:
             states[t.state.name] += 1
+        reused += "reused_from" in t.user_attrs
     out = [f"# evomerge search: {space.name}", ""]
-    out.append(f"- trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
+    out.append(f"- trials: {states['COMPLETE']} complete"
+               + (f" ({reused} reused the score of an identical, earlier recipe)" if reused else "")
+               + f", {states['PRUNED']} pruned, {states['FAIL']} failed"
                f" (budget {space.budget.trials}); sampler {study.user_attrs.get('sampler')}, seed {space.budget.seed}")
     out.append("- objective: " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g} ({t.direction})"
                                           for t in space.objective.tasks)
@@ -203,7 +207,8 @@ def summary(result) -> str:
     space = result.space
     lines = []
     info = result.info
-    lines.append(f"search {space.name}: {info.get('completed', 0)} completed, {info.get('failed', 0)} failed, "
+    reused = f" ({info['reused']} reused the score of an identical recipe)" if info.get("reused") else ""
+    lines.append(f"search {space.name}: {info.get('completed', 0)} completed{reused}, {info.get('failed', 0)} failed, "
                  f"{info.get('pruned', 0)} pruned this run; {result.seconds:.1f} s")
     splits = list(ROLES)
     width = max([len(c.label) + 9 for c in result.candidates] + [20])
