@@ -161,6 +161,15 @@ def run_all(executor, jobs: list[TrialJob], timeout: float = 120.0) -> list[Tria
     return outcomes
 
 
+def default_sigint(cmd: list[str]) -> list[str]:
+    """`cmd`, started with SIGINT at its default disposition, so that the Ctrl-C these tests send
+    raises KeyboardInterrupt in it: a suite launched as a background job (`nohup ... &`, some CI
+    runners) inherits SIGINT ignored, and a Python started that way never installs its handler."""
+    return [sys.executable, "-c",
+            "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+            *cmd]
+
+
 # --- the cluster --------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -412,8 +421,8 @@ def test_local_default_runs_and_ctrl_c_stops_cleanly(tmp_path):
     require_loopback_namespace()
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(default_sigint([sys.executable, str(script)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         first = json.loads(proc.stdout.readline() or "{}")
         assert first.get("done") == [0, 1], proc.stderr.read()[-3000:] if not first else first
@@ -659,7 +668,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
         except Exception:  # noqa: BLE001 - not created yet
             return []
 
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(default_sigint(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 900  # a guard against hangs only
         while states().count(optuna.trial.TrialState.COMPLETE) < 2:
