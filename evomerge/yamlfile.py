@@ -2,7 +2,8 @@
 
 Why it exists: `yaml.safe_load` quietly keeps the last of two equal keys, so a recipe with two
 `parameters:` blocks merges with one of them dropped and nobody is told. Every YAML file a user writes
-is read here: safe loading only (no Python objects), a duplicated key refused with both line numbers,
+is read here: `yaml.safe_load` only (no Python objects), after a pass over the composed node tree
+that refuses a duplicated key with both line numbers,
 and a syntax error reported with its line and column, all as `ConfigError`s that name the file.
 """
 
@@ -30,33 +31,26 @@ def read_text(path, *, what: str, missing_fix: str) -> str:
         ) from None
 
 
-def _loader():
+def _first_duplicate(node) -> tuple[Any, int, int] | None:
+    """(key, first line, repeated line) of the first key given twice in any mapping of a composed
+    YAML node tree, or None. Scalar keys are compared by their text."""
     import yaml
 
-    class StrictLoader(yaml.SafeLoader):
-        """SafeLoader that refuses a key given twice in one mapping."""
-
-    def construct_mapping(loader, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # an unhashable key: the base constructor reports it
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise _Duplicate(key, seen[key], line)
-            seen[key] = line
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return StrictLoader
-
-
-class _Duplicate(Exception):
-    def __init__(self, key: Any, first: int, again: int):
-        self.key, self.first, self.again = key, first, again
+    todo = [node] if node is not None else []
+    while todo:
+        n = todo.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        return key.value, seen[key.value], line
+                    seen[key.value] = line
+                todo.append(value)
+        elif isinstance(n, yaml.SequenceNode):
+            todo.extend(n.value)
+    return None
 
 
 def parse(text: str, *, where: str) -> Any:
@@ -64,13 +58,15 @@ def parse(text: str, *, where: str) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
-    except _Duplicate as dup:
-        raise ConfigError(
-            f"key {dup.key!r} is given twice (lines {dup.first} and {dup.again}); YAML would keep only the last",
-            where=f"{where}:{dup.again}",
-            fix=f"merge the two {dup.key!r} entries into one",
-        ) from None
+        dup = _first_duplicate(yaml.compose(text, Loader=yaml.SafeLoader))
+        if dup is not None:
+            key, first, again = dup
+            raise ConfigError(
+                f"key {key!r} is given twice (lines {first} and {again}); YAML would keep only the last",
+                where=f"{where}:{again}",
+                fix=f"merge the two {key!r} entries into one",
+            )
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
