@@ -38,16 +38,55 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-root", help=ROOT_HELP)
     p.set_defaults(func=_run_merge)
 
-    v = sub.add_parser("validate", help="check a recipe (or a search space) without merging or searching")
-    v.add_argument("config", help="mergekit-style YAML recipe, or a search space (prints its objective)")
+    v = sub.add_parser("validate", help="check a recipe, an MoE config or a search space without building or "
+                                        "searching")
+    v.add_argument("config", help="mergekit-style YAML recipe, a mergekit-moe config, or a search space (prints "
+                                  "its objective)")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.add_argument("--model-root", help=ROOT_HELP + " (recipes only)")
     v.set_defaults(func=_run_validate)
 
 
+# --- moe (mixtures of experts) -------------------------------------------------------------------
+def _add_moe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("moe", help="build a mixture of experts from dense fine-tunes (mergekit-moe's YAML) into OUT",
+                       description="Build a Mixtral (or, with one shared expert, a Qwen2-MoE) from dense fine-tunes "
+                       "of one base: the base gives attention, norms and embeddings, each expert its MLP, and the "
+                       "routers come from the experts' prompts. The config is mergekit-moe's.")
+    p.add_argument("config", help="mergekit-moe YAML config")
+    p.add_argument("out", help="output folder (Hugging Face layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--out-shard-size", default="5GB", help="largest shard, e.g. 500MB, 5GB (default 5GB)")
+    p.add_argument("--device", default="cpu", help="where the base runs for hidden-state routers (cpu, cuda)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress display")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--model-root", help=ROOT_HELP)
+    p.add_argument("--allow-all-same", action="store_true",
+                   help="allow every expert to be the same model (useful only if you will train the result)")
+    p.set_defaults(func=_run_moe)
+
+
+def _run_moe(args: argparse.Namespace) -> int:
+    from evomerge.moe.build import moe_to_dir
+
+    out = moe_to_dir(args.config, args.out, overwrite=args.overwrite, shard_size=args.out_shard_size,
+                     device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+                     allow_all_same=args.allow_all_same, model_root=args.model_root)
+    if not args.no_progress:
+        print(out)
+    return 0
+
+
 
 def _run_merge(args: argparse.Namespace) -> int:
     from evomerge.engine.merge import merge_to_dir
+    from evomerge.moe.config import is_moe_file
+
+    if is_moe_file(args.config):
+        from evomerge.errors import ConfigError
+
+        raise ConfigError("this is an MoE config (it lists experts), not a merge recipe", where=args.config,
+                          fix=f"build it with: evomerge moe {args.config} {args.out}")
 
     merge_to_dir(
         args.config,
@@ -75,6 +114,13 @@ def _run_validate(args: argparse.Namespace) -> int:
             raise ConfigError("--model-root applies to merge recipes, and this is a search space", where="--model-root",
                               fix="drop --model-root; a space's model paths are resolved from the space file's folder")
         print(validate_space(args.config, trust_remote_code=args.trust_remote_code))
+        return 0
+    from evomerge.moe.config import is_moe_file
+
+    if is_moe_file(args.config):
+        from evomerge.moe.build import validate_moe
+
+        print(validate_moe(args.config, trust_remote_code=args.trust_remote_code, model_root=args.model_root))
         return 0
     from evomerge.engine.merge import validate_config
 
@@ -161,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_search(sub)
     _add_merge(sub)
+    _add_moe(sub)
     _add_toy(sub)
     return parser
 

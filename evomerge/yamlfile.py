@@ -73,3 +73,8 @@ def parse(text: str, *, where: str) -> Any:
             where = f"{where}:{mark.line + 1}:{mark.column + 1}"
         raise ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
                           fix="check indentation and quoting") from None
+
+
+def comment_header(comments) -> str:
+    """`# ...` lines for the top of a YAML file we write (best.yaml, configs); multi-line entries split."""
+    return "".join(f"# {c}\n" if c else "#\n" for line in comments for c in str(line).splitlines() or [""])

@@ -58,15 +58,15 @@ def save_tokenizer(out: str | os.PathLike, model_max_length: int = 256):
 
 def model_config(arch: str = "llama", *, hidden: int = 32, layers: int = 4, intermediate: int = 64,
                  heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB_SIZE, tie: bool = False,
-                 dtype: str = "float32"):
-    """A transformers config for a tiny Llama- or Mistral-style causal LM."""
+                 dtype: str = "float32", **extra):
+    """A transformers config for a tiny Llama- or Mistral-style causal LM (`extra`: more config fields)."""
     from transformers import LlamaConfig, MistralConfig
 
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=256, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
     )
     if arch == "llama":
         cfg = LlamaConfig(**kwargs)

@@ -51,6 +51,7 @@ from evomerge.engine.recipe import (
     to_float,
 )
 from evomerge.engine.modelcard import CardFacts, SourceFacts, hub_id, render_card
+from evomerge.engine.output import check_out, copy_side_files, human_bytes, staged
 from evomerge.engine.sinks import ITEM_SIZE, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,10 +59,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from evomerge.engine.methods import MergeMethod
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-)
 DEFAULT_SEED = 0
 # torch's CPU reductions (slerp's norms, DARE's L1 rescale) split their work by thread count, so the
 # same merge computed with 1 and with 2 threads can differ in the last bit. Every merge therefore runs
@@ -592,7 +589,7 @@ def _check_tokenizer(tok_dir: Path, p: MergePlan, sources: "Sources", where: str
     return n
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device == "cpu":
         return
     import torch
@@ -603,22 +600,6 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"unknown device {device!r}", where="--device", fix="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("CUDA is not available on this machine", where="--device", fix="use --device cpu")
-
-
-def _check_out(out: Path, overwrite: bool, sources: "Sources | None" = None) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"{out} exists and is a file", where=str(out), fix="choose another output folder")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputError(f"{out} exists and is not empty", where=str(out),
-                              fix="choose a new folder, or pass --overwrite to replace it")
-    if sources is not None:
-        real = out.resolve()
-        for m in sources.models:
-            sp = sources.path(m).resolve()
-            if real == sp or sp.is_relative_to(real) or real.is_relative_to(sp):
-                raise OutputError(f"the output folder overlaps the source model {m!r}", where=str(out),
-                                  fix="write the merge to a separate folder")
 
 
 def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -643,53 +624,32 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
         recipe_text = recipe.to_yaml(comments=[f"{config_path}, model folders under {model_root}"])
     check_recipe(recipe)
     shard_bytes = parse_size(shard_size)
-    _check_out(out, overwrite)
-    _check_device(device)
+    check_out(out, overwrite)
+    check_device(device)
     sources = _open_for(recipe, device, reads="copy")
     sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
     p = plan(recipe, sources)
     tok_dir = _tokenizer_dir(recipe, p, sources)
     _check_tokenizer(tok_dir, p, sources, "tokenizer_source" if recipe.tokenizer_source else
                      recipe.model_fields_paths().get(p.donor, "models"))
-    _check_out(out, overwrite, sources)
+    check_out(out, overwrite, sources)
 
-    parent = out.absolute().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {parent} ({exc.strerror})", where=str(out),
-                          fix="choose a writable output location") from None
-    tmp = parent / f".{out.name}.evomerge-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot write in {parent} ({exc.strerror})", where=str(out),
-                          fix="choose a writable output location") from None
-    try:
-        sink = ShardedSafetensorsSink(tmp, shard_bytes)
-        execute(p, sink, sources, progress=progress, device=device, threads=threads)
-        (tmp / "config.json").write_text(json.dumps(p.out_config, indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
-        donor_dir = sources.path(p.donor)
-        for code in sources.code_files(p.donor):  # the config's auto_map points at these
-            (tmp / code.relative_to(donor_dir)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(code, tmp / code.relative_to(donor_dir))
-        if (donor_dir / "generation_config.json").is_file():
-            shutil.copyfile(donor_dir / "generation_config.json", tmp / "generation_config.json")
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copyfile(tok_dir / name, tmp / name)
-        if recipe.chat_template:
-            _write_chat_template(tmp, chat_template_text(recipe, sources))
-        (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
-        (tmp / "README.md").write_text(render_card(card_facts(recipe, recipe_text, p, sources, out.name)),
-                                       encoding="utf-8")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(out) as tmp:
+            sink = ShardedSafetensorsSink(tmp, shard_bytes)
+            execute(p, sink, sources, progress=progress, device=device, threads=threads)
+            (tmp / "config.json").write_text(json.dumps(p.out_config, indent=2, sort_keys=True) + "\n",
+                                             encoding="utf-8")
+            donor_dir = sources.path(p.donor)
+            for code in sources.code_files(p.donor):  # the config's auto_map points at these
+                (tmp / code.relative_to(donor_dir)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(code, tmp / code.relative_to(donor_dir))
+            copy_side_files(tmp, config_from=donor_dir, tokenizer_from=tok_dir)
+            if recipe.chat_template:
+                _write_chat_template(tmp, chat_template_text(recipe, sources))
+            (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
+            (tmp / "README.md").write_text(render_card(card_facts(recipe, recipe_text, p, sources, out.name)),
+                                           encoding="utf-8")
     finally:
         sources.close()
     return out
@@ -715,16 +675,6 @@ def card_facts(recipe: MergeRecipe, recipe_text: str, p: MergePlan, sources: "So
                      n_tensors=len(p.tasks), num_layers=p.num_layers, nbytes=p.nbytes, donor=p.donor)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.absolute().parent / f".{out.name}.evomerge-old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool = False,
                     model_root: str | os.PathLike | None = None) -> str:
     """`evomerge validate`: every check `merge` makes, without merging; returns a short summary."""
@@ -745,7 +695,7 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
     lines = [
         f"ok: {config_path}",
         f"  method      {method.name} over {n_models} model(s)" + (f", base {recipe.base_model}" if recipe.base_model else ""),
-        f"  output      {len(p.tasks)} tensors, {p.num_layers} layers, {', '.join(dtypes)}, {_human(p.nbytes)}",
+        f"  output      {len(p.tasks)} tensors, {p.num_layers} layers, {', '.join(dtypes)}, {human_bytes(p.nbytes)}",
         f"  config from {p.donor}; tokenizer from {tok_dir}" + (f" ({n_tok} tokens)" if n_tok else ""),
     ]
     if method.uses_generator:
@@ -801,14 +751,6 @@ def _write_chat_template(folder: Path, template: str) -> None:
     cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     for stale in ("chat_template.jinja", "chat_template.json"):  # these would win over the config
         (folder / stale).unlink(missing_ok=True)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n}"
 
 
 __all__ = ["MergePlan", "TensorTask", "plan", "merge_into", "merge_to_dir", "validate_config", "execute",

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from pydantic import ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.yamlfile import comment_header
 from evomerge.yamlfile import parse as parse_yaml
 from evomerge.yamlfile import read_text
 
@@ -139,7 +140,7 @@ class MergeRecipe(_Strict):
     def to_yaml(self, comments: Iterable[str] = ()) -> str:
         import yaml
 
-        header = "".join(f"# {c}\n" if c else "#\n" for line in comments for c in str(line).splitlines() or [""])
+        header = comment_header(comments)
         body = yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                          allow_unicode=True, width=100)
         return header + body
