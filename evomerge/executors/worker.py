@@ -123,6 +123,9 @@ class Worker:
         self.evaluator = None
         self.setup_seconds = 0.0
         self._setup_error: str | None = None
+        self.moe_model = None  # the resident MoE (method: moe), rebuilt when a candidate's structure changes
+        self._moe_key = None
+        self._gates = None
 
     # -- heavy state ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -173,14 +176,39 @@ class Worker:
         self.model = model
         self.setup_seconds = time.perf_counter() - t0
 
-    def merge(self, recipe_dict: dict) -> None:
-        """Write the recipe's merged tensors into the resident model (no disk)."""
+    def merge(self, recipe_dict: dict) -> Any:
+        """Write the recipe's merged tensors into the resident model (no disk); returns the model to
+        score: the resident dense model, or for an MoE config the resident MoE."""
+        from evomerge.moe.config import is_moe_config
+
+        if is_moe_config(recipe_dict):
+            return self._build_moe(recipe_dict)
         from evomerge.engine.merge import merge_into
         from evomerge.engine.recipe import MergeRecipe
         from evomerge.engine.sinks import ModelSink
 
         recipe = MergeRecipe.model_validate(recipe_dict)
         merge_into(ModelSink(self.model), recipe, self.sources)
+        return self.model
+
+    def _build_moe(self, config_dict: dict) -> Any:
+        """Build the MoE in memory: a resident transformers MoE model of the candidate's structure
+        (made again only when the expert count, top-k or architecture changes), written in place."""
+        from evomerge.moe.build import GateSource, ResidentMoESink, plan_moe, resident_model, write_moe
+        from evomerge.moe.config import MoEConfig
+
+        config = MoEConfig.model_validate(config_dict)
+        p = plan_moe(config, self.sources)
+        key = (p.layout.arch, len(config.experts), config.experts_per_token, p.dtype)
+        if self._moe_key != key:
+            self.moe_model = None  # free the previous structure before building the next
+            self.moe_model = resident_model(p, dtype=self.spec.dtype, device=self.spec.device)
+            self._moe_key = key
+        if self._gates is None or self._gates.base != config.base_model:
+            self._gates = GateSource(config.base_model, self.sources, config.base_model,
+                                     trust_remote_code=self.spec.trust_remote_code, device=self.spec.device)
+        write_moe(ResidentMoESink(self.moe_model), p, self.sources, self._gates)
+        return self.moe_model
 
     # -- per trial --------------------------------------------------------------------------------
     def run(self, job: TrialJob) -> TrialOutcome:
@@ -198,11 +226,11 @@ class Worker:
                 timings["setup"] = time.perf_counter() - t0
             stage = "merge"
             t0 = time.perf_counter()
-            self.merge(job.recipe)
+            model = self.merge(job.recipe)
             timings["merge"] = time.perf_counter() - t0
             stage = "evaluate"
             t0 = time.perf_counter()
-            result = self.evaluator.evaluate(self.model, job.split, limit=job.limit, seed=job.seed)
+            result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed)
             timings["eval"] = time.perf_counter() - t0
             metrics = _finite_metrics(result.metrics)
             samples = dict(getattr(result, "samples", {}) or {})

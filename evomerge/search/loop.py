@@ -152,7 +152,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     bar = _Progress(progress, target, min(done, target))
     live: dict[int, Any] = {}  # trial number -> optuna Trial
     recipes: dict[int, dict] = {}  # trial number -> recipe dict (resubmitted after a low-fidelity score)
-    stats = {"completed": 0, "failed": 0, "pruned": 0, "reused": 0}
+    stats = {"completed": 0, "failed": 0, "pruned": 0, "reused": 0, "invalid": 0}
     best = [_best_value(study)]
     scored = _scored_recipes(study, space)  # recipe key -> the COMPLETE trial that scored it
 
@@ -173,8 +173,9 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                 params = suggest_params(trial, space)
                 try:
                     recipe = build_recipe(space, params)
-                except EvomergeError as exc:
+                except EvomergeError as exc:  # the sampler's choice is not a valid recipe (not a set-up error)
                     fail(trial, f"recipe: {exc}")
+                    stats["invalid"] += 1
                     done += 1
                     progressed()
                     continue
@@ -215,12 +216,13 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                     del recipes[outcome.number]
                     done += 1
                     progressed(value)
-                if stats["completed"] == 0 and stats["pruned"] == 0 and stats["failed"] >= min(3, target):
+                broken = stats["failed"] - stats["invalid"]
+                if stats["completed"] == 0 and stats["pruned"] == 0 and broken >= min(3, target):
                     # Nothing has worked yet: a broken set-up (tasks, tokenizer, models), not a bad
                     # candidate. Stop instead of burning the budget on identical failures.
                     reason = (outcome.error or "no metrics").splitlines()[0]
                     raise EvomergeError(
-                        f"the first {stats['failed']} trials all failed; the last with: {reason}",
+                        f"the first {broken} trials all failed; the last with: {reason}",
                         where="search", fix="check the models, tasks and metric in the search space "
                         "(trials.csv / the study hold every reason)",
                     )
@@ -536,6 +538,8 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.merge import plan
     from evomerge.executors.worker import Worker
+    from evomerge.moe.build import plan_moe
+    from evomerge.moe.config import MoEConfig
     from evomerge.search.record import protocol_record
     from evomerge.search.score import ScoreError, task_values
     from evomerge.search.suggest import baseline_params, build_recipe
@@ -550,8 +554,16 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     try:
         sources.check_compatible()
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
-        for _, params in baseline_params(space):
-            plan(build_recipe(space, params), sources)
+        for label, params in baseline_params(space):
+            recipe = build_recipe(space, params)
+            if isinstance(recipe, MoEConfig):
+                try:
+                    plan_moe(recipe, sources, source=f"{src} ({label})")
+                except ConfigError as exc:
+                    raise ConfigError(exc.what, where=exc.where if exc.where and exc.where.startswith(src)
+                                      else f"{src}: parameters.moe ({label}: {exc.where})", fix=exc.fix) from None
+            else:
+                plan(recipe, sources)
     finally:
         sources.close()
     worker = Worker(worker_spec(space, evaluator=evaluator, threads=threads, trust_remote_code=trust_remote_code,

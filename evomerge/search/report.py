@@ -101,12 +101,20 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
     lines += protocol_lines(*stored(study))
     lines.append("sources (sha256 of config.json + *.safetensors):")
     lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
+    folders = sorted({Path(m.rstrip("/")).name for m in w.recipe.referenced_models()})
+    moved = f"on another machine: add --model-root DIR, DIR holding the folders {', '.join(folders)}"
+    from evomerge.moe.config import MoEConfig
+
+    if isinstance(w.recipe, MoEConfig):
+        lines.append("reproduce the scored model: evomerge moe best.yaml OUT (a mergekit-moe config: "
+                     f"mergekit-moe --random-seed {w.recipe.seed} best.yaml OUT builds the same tensors)")
+        lines.append(moved)
+        return w.recipe.to_yaml(comments=lines)
     from evomerge.engine.merge import merge_threads
 
     threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
     lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")
-    folders = sorted({Path(m.rstrip("/")).name for m in w.recipe.referenced_models()})
-    lines.append(f"on another machine: add --model-root DIR, DIR holding the folders {', '.join(folders)}")
+    lines.append(moved)
     from evomerge.engine import methods
 
     if methods.get(w.recipe.merge_method).uses_generator:
@@ -208,7 +216,9 @@ def summary(result) -> str:
     lines = []
     info = result.info
     reused = f" ({info['reused']} reused the score of an identical recipe)" if info.get("reused") else ""
-    lines.append(f"search {space.name}: {info.get('completed', 0)} completed{reused}, {info.get('failed', 0)} failed, "
+    invalid = f" ({info['invalid']} not a valid recipe, no merge)" if info.get("invalid") else ""
+    lines.append(f"search {space.name}: {info.get('completed', 0)} completed{reused}, {info.get('failed', 0)} failed"
+                 f"{invalid}, "
                  f"{info.get('pruned', 0)} pruned this run; {result.seconds:.1f} s")
     splits = list(ROLES)
     width = max([len(c.label) + 9 for c in result.candidates] + [20])
@@ -233,7 +243,10 @@ def winner_curves(recipe, num_layers: int) -> dict[str, list[float]]:
     """Per-layer values of every searched number in the winner: {"t (self_attn)": [...], ...}.
 
     Evaluated with the recipe module's own gradient/filter rules, at sample tensor names per filter."""
-    from evomerge.engine.recipe import ConditionalParameter, evaluate_setting, layer_t
+    from evomerge.engine.recipe import ConditionalParameter, MergeRecipe, evaluate_setting, layer_t
+
+    if not isinstance(recipe, MergeRecipe):  # an MoE config has no per-layer numbers
+        return {}
 
     def groups(setting) -> list[str | None]:
         items = setting if isinstance(setting, list) else [setting]

@@ -80,7 +80,7 @@ class ParamSpec(_Strict):
 
     name: str
     kind: Literal["model", "global"]
-    type: Literal["float", "int", "bool"]
+    type: Literal["float", "int", "bool", "str"]
     fixed: Any = None
     low: float | None = None
     high: float | None = None
@@ -145,6 +145,15 @@ class Dimension:
     high: float | None = None
     log: bool = False
     choices: tuple[Any, ...] | None = None
+    integer: bool = False  # a whole-number range (suggest_int)
+
+
+class MoESetup(_Strict):
+    """The fixed part of an MoE construction (`method: moe`): each candidate expert's router prompts,
+    by model name. The searched part (which experts, top-k, gate mode, scales) is `parameters.moe`."""
+
+    prompts: dict[str, tuple[str, ...]] = {}
+    negative_prompts: dict[str, tuple[str, ...]] = {}
 
 
 class SearchSpace(_Strict):
@@ -160,6 +169,7 @@ class SearchSpace(_Strict):
     methods: tuple[MethodSpace, ...]
     objective: Objective
     budget: Budget = Budget()
+    moe: MoESetup | None = None  # with method: moe
     overridden: frozenset[str] = frozenset()  # budget fields set by `with_overrides` (flags): they win on resume
 
     # -- queries ----------------------------------------------------------------------------------
@@ -179,9 +189,7 @@ class SearchSpace(_Strict):
 
     def tuned_models(self, method: str) -> tuple[ModelRef, ...]:
         """The models that take per-model values under `method` (not the base of a task-vector method)."""
-        from evomerge.engine import methods as registry
-
-        impl = registry.get(method)
+        impl = method_impl(method)
         base, inputs = self.roles(method)
         return tuple(
             m
@@ -201,7 +209,8 @@ class SearchSpace(_Strict):
                 elif spec.choices is not None:
                     out.append(Dimension(name, choices=tuple(spec.choices)))
                 else:
-                    out.append(Dimension(name, low=spec.low, high=spec.high, log=spec.log))
+                    out.append(Dimension(name, low=spec.low, high=spec.high, log=spec.log,
+                                         integer=spec.type == "int"))
         return out
 
     def param_names(self, method: str, spec: ParamSpec) -> list[str]:
@@ -245,6 +254,8 @@ class SearchSpace(_Strict):
         a resumed run may raise --trials or change the sampler. The splits and the protocol are compared
         separately on resume (`search/record.py`), so that a refusal can name what changed."""
         data = self.model_dump(mode="json", include={"models", "base", "dtype", "out_dtype", "methods"})
+        if self.moe is not None:
+            data["moe"] = self.moe.model_dump(mode="json")
         data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol"})
         data["limit"] = self.budget.limit
         data["fidelity"] = self.budget.fidelity.limit if self.budget.fidelity else None
@@ -303,6 +314,11 @@ class _RawObjective(_Strict):
     multi_objective: bool = False
 
 
+class _RawMoE(_Strict):
+    prompts: dict[str, list[str]] = {}
+    negative_prompts: dict[str, list[str]] = {}
+
+
 class _RawSpace(_Strict):
     name: str | None = None
     models: list[_RawModel | str] = Field(min_length=1)
@@ -314,6 +330,7 @@ class _RawSpace(_Strict):
     parameters: dict[str, dict[str, Any]] = {}
     objective: _RawObjective
     search: Budget = Budget()
+    moe: _RawMoE | None = None
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -382,11 +399,9 @@ def space_from_dict(
         raise ConfigError("no merge method given", where=f"{source}: method",
                           fix="write method: slerp, or a list such as [linear, slerp, ties]")
     _check_unique(method_names, f"{source}: method", "methods", "list each method once")
-    from evomerge.engine import methods as registry
-
     for i, mname in enumerate(method_names):
         try:
-            registry.get(mname)
+            method_impl(mname)
         except ConfigError as exc:
             suffix = f"[{i}]" if isinstance(raw.method, list) else ""
             raise ConfigError(exc.what, where=f"{source}: method{suffix}", fix=exc.fix) from None
@@ -415,9 +430,80 @@ def space_from_dict(
         methods=tuple(space_methods),
         objective=objective,
         budget=raw.search,
+        moe=_moe_setup(raw.moe, models, space_methods, source),
     )
     _check_budget(space, source)
     return space
+
+
+def _moe_setup(raw: "_RawMoE | None", models: list[ModelRef], methods: list[MethodSpace],
+               source: str) -> MoESetup | None:
+    """The `moe:` section, checked against the models and the gate modes the search may use."""
+    from evomerge.moe.tunables import NAME
+
+    mspace = next((m for m in methods if m.name == NAME), None)
+    if mspace is None:
+        if raw is not None:
+            raise ConfigError("a moe: section, but moe is not a searched method", where=f"{source}: moe",
+                              fix="add moe to method, or remove the moe: section")
+        return None
+    raw = raw or _RawMoE()
+    names = [m.name for m in models]
+    ept = next((p for p in mspace.params if p.name == "experts_per_token"), None)
+    top = None if ept is None else (ept.fixed if ept.fixed is not None else (max(ept.choices) if ept.choices else ept.high))
+    if top is not None and top > len(names):
+        raise ConfigError(f"experts_per_token reaches {top:g}, but only {len(names)} models are candidate experts",
+                          where=f"{source}: parameters.moe.experts_per_token",
+                          fix=f"use at most {len(names)}, or list more models")
+    for key, table in (("prompts", raw.prompts), ("negative_prompts", raw.negative_prompts)):
+        for name, prompts in table.items():
+            if name not in names:
+                import difflib
+
+                close = difflib.get_close_matches(name, names, n=1)
+                raise ConfigError(f"{name!r} is not one of the models", where=f"{source}: moe.{key}.{name}",
+                                  fix=(f"did you mean {close[0]!r}? " if close else "") +
+                                      f"prompts are given per model name: {', '.join(names)}")
+            if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ConfigError("give a non-empty list of non-empty prompts", where=f"{source}: moe.{key}.{name}",
+                                  fix="e.g. [\"up abc=\", \"up xyz=\"]")
+    from evomerge.moe.config import PROMPT_MODES
+
+    gate = next((p for p in mspace.params if p.name == "gate_mode"), None)
+    modes = {"hidden"} if gate is None else ({gate.fixed} if gate.fixed is not None else set(gate.choices or ()))
+    if modes & set(PROMPT_MODES):
+        missing = [n for n in names if n not in raw.prompts]
+        if missing:
+            raise ConfigError(f"gate_mode {sorted(modes & set(PROMPT_MODES))[0]} places each router row from its "
+                              f"expert's prompts, and {', '.join(missing)} has none", where=f"{source}: moe.prompts",
+                              fix="give prompts for every model (moe.prompts.<name>: [...]), or search only the "
+                                  "random gate modes")
+        seen: dict[tuple, str] = {}
+        for n in names:
+            key = (tuple(raw.prompts[n]), tuple(raw.negative_prompts.get(n, ())))
+            if key in seen:
+                raise ConfigError(f"{seen[key]} and {n} have the same prompts, so the router cannot tell them apart",
+                                  where=f"{source}: moe.prompts.{n}", fix="give each model prompts of its own")
+            seen[key] = n
+    return MoESetup(prompts={k: tuple(v) for k, v in raw.prompts.items()},
+                    negative_prompts={k: tuple(v) for k, v in raw.negative_prompts.items()})
+
+
+def method_impl(name: str):
+    """The declaration of `name`: a merge method of the engine's registry, or `moe` (an MoE
+    construction, moe/tunables.py). Unknown names get a "did you mean" over both."""
+    from evomerge.engine import methods as registry
+    from evomerge.moe.tunables import MOE
+
+    if name == MOE.name:
+        return MOE
+    try:
+        return registry.get(name)
+    except ConfigError as exc:
+        if isinstance(name, str) and name.lower() in ("mixtral", "frankenmoe", "mixture_of_experts"):
+            raise ConfigError(exc.what, where=exc.where, fix="did you mean 'moe'? (an MoE built from the models)") \
+                from None
+        raise ConfigError(exc.what, where=exc.where, fix=f"{exc.fix}, moe") from None
 
 
 def _check_budget(space: SearchSpace, source: str = "space") -> None:
@@ -511,9 +597,7 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
       (ties, dare, task_arithmetic); for a method with a fixed small input count (slerp: two) the
       first listed model is the base (slerp's t = 0 end) and the next ones fill the other inputs.
     """
-    from evomerge.engine import methods as registry
-
-    impl = registry.get(method)
+    impl = method_impl(method)
     models = space.models
     if impl.optional_base:  # nuslerp, multislerp: task vectors against the base when the space has one
         return space.base, tuple(m for m in models if space.base is None or m.path != space.base.path)
@@ -530,14 +614,22 @@ def _roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[Mode
 
 
 def _method_space(name: str, given: dict, partial: SearchSpace, where: str, pwhere: str) -> MethodSpace:
-    from evomerge.engine import methods as registry
+    from evomerge.moe.tunables import NAME as MOE
 
     try:
-        impl = registry.get(name)
+        impl = method_impl(name)
     except ConfigError as exc:
         raise ConfigError(exc.what, where=where, fix=exc.fix) from None
     base, inputs = _roles(partial, name)
     count = len(inputs) + (1 if base is not None and base.path not in {m.path for m in inputs} else 0)
+    if name == MOE:
+        if base is None:
+            raise ConfigError("an MoE needs a base model (it gives attention, norms, embeddings and the tokenizer)",
+                              where=where.split(":")[0] + ": base_model", fix="add base_model: <path>")
+        if len(inputs) < 2:
+            raise ConfigError(f"an MoE needs at least two candidate experts, this space lists {len(inputs)}",
+                              where=where.split(":")[0] + ": models", fix="list two or more fine-tunes of the base")
+        count = max(count, impl.model_count[0])
     low, high = impl.model_count
     if impl.requires_base and base is None:
         raise ConfigError(f"{name} needs a base model", where=where.split(":")[0] + ": base_model",
@@ -619,6 +711,8 @@ def _param_spec(tunable, value: Any, where: str) -> ParamSpec:
             raise ConfigError("choices must be a non-empty list", where=f"{where}.choices")
         checked = tuple(tunable.check(c, f"{where}.choices[{i}]") for i, c in enumerate(choices))
         return ParamSpec(choices=checked, **common)
+    if tunable.type == "str" and "choices" not in value:
+        value = {**value, "choices": list(tunable.options)}
     if "choices" in value:
         choices = value["choices"]
         if not isinstance(choices, list) or not choices:

@@ -105,6 +105,8 @@ def grid_space(space: SearchSpace) -> dict[str, list]:
             grid[dim.name] = [math.exp(a + (b - a) * i / (n - 1)) for i in range(n)]
         else:
             grid[dim.name] = [dim.low + (dim.high - dim.low) * i / (n - 1) for i in range(n)]
+        if dim.integer:  # whole numbers: the distinct rounded points
+            grid[dim.name] = sorted({int(round(v)) for v in grid[dim.name]})
     return grid
 
 

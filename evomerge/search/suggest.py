@@ -28,6 +28,8 @@ def suggest_params(trial, space: SearchSpace) -> Params:
     for dim in space.dimensions(method):
         if dim.choices is not None:
             params[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
+        elif dim.integer:
+            params[dim.name] = trial.suggest_int(dim.name, int(dim.low), int(dim.high), log=dim.log)
         else:
             params[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
     return params
@@ -62,12 +64,16 @@ def _setting(space: SearchSpace, method: str, spec: ParamSpec, owner: str | None
 
 
 def build_recipe(space: SearchSpace, params: Params):
-    """Params -> MergeRecipe (pure: the same inputs always give the same recipe)."""
+    """Params -> MergeRecipe, or an MoEConfig for `method: moe` (pure: the same inputs always give the
+    same recipe)."""
     from evomerge.engine.recipe import MergeRecipe
-    from evomerge.engine import methods as registry
+    from evomerge.moe.tunables import NAME as MOE
+    from evomerge.search.space import method_impl
 
     method = method_of(space, params)
-    impl = registry.get(method)
+    if method == MOE:
+        return _moe_config(space, params)
+    impl = method_impl(method)
     mspace = space.method(method)
     base, inputs = space.roles(method)
     tuned = {m.name for m in space.tuned_models(method)}
@@ -93,6 +99,51 @@ def build_recipe(space: SearchSpace, params: Params):
     if impl.uses_generator:
         data["random_seed"] = space.budget.seed
     return MergeRecipe.from_dict(data, source=f"trial params {params}")
+
+
+def _moe_config(space: SearchSpace, params: Params):
+    """Params -> the mergekit-moe config of one candidate MoE (experts in the space's model order)."""
+    from evomerge.errors import ConfigError
+    from evomerge.moe.config import MoEConfig
+    from evomerge.moe.tunables import MOE, NAME
+
+    specs = {s.name: s for s in space.method(NAME).params}
+
+    def value(name: str, owner: str | None = None) -> Any:
+        spec = specs.get(name)
+        if spec is None:
+            return MOE.tunable(name).default
+        return _setting(space, NAME, spec, None if spec.shared else owner, params)
+
+    setup = space.moe
+    experts = []
+    for m in space.tuned_models(NAME):
+        if not value("use", m.name):
+            continue
+        e: dict[str, Any] = {"source_model": m.path}
+        if setup is not None and m.name in setup.prompts:
+            e["positive_prompts"] = list(setup.prompts[m.name])
+        if setup is not None and m.name in setup.negative_prompts:
+            e["negative_prompts"] = list(setup.negative_prompts[m.name])
+        for name in ("noise_scale", "residual_scale"):
+            if name in specs:  # only what the space sets (mergekit-moe's default: no noise, no scaling)
+                e[name] = float(value(name, m.name))
+        experts.append(e)
+    if len(experts) < 2:
+        used = ", ".join(m.name for m in space.tuned_models(NAME) if value("use", m.name)) or "none"
+        raise ConfigError(f"this candidate uses fewer than two experts ({used}), which is not an MoE; the trial "
+                          "fails without a merge", where="parameters.moe.use",
+                          fix="none needed (the sampler learns to avoid it); fix use: true for models that must "
+                              "take part")
+    data = {
+        "base_model": space.base.path,
+        "gate_mode": value("gate_mode"),
+        "dtype": space.score_dtype,
+        "experts_per_token": min(int(value("experts_per_token")), len(experts)),
+        "experts": experts,
+        "random_seed": space.budget.seed,
+    }
+    return MoEConfig.from_dict(data, source=f"trial params {params}")
 
 
 def baseline_params(space: SearchSpace) -> list[tuple[str, Params]]:

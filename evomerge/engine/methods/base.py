@@ -51,7 +51,8 @@ class Tunable:
     required: bool = False
     kind: Kind = "model"
     searchable: bool = True
-    type: Literal["float", "int", "bool"] = "float"
+    type: Literal["float", "int", "bool", "str"] = "float"
+    options: tuple[str, ...] = ()  # the allowed values of a "str" tunable (an MoE's gate_mode)
     low_open: bool = False
     high_open: bool = False
     search_low: float | None = None
@@ -61,7 +62,7 @@ class Tunable:
     @property
     def search_range(self) -> tuple[float, float] | None:
         """The (low, high) a search should use, or None if not searchable / not a number."""
-        if not self.searchable or self.type != "float":
+        if not self.searchable or self.type not in ("float", "int"):
             return None
         low = self.search_low if self.search_low is not None else self.low
         high = self.search_high if self.search_high is not None else self.high
@@ -72,6 +73,8 @@ class Tunable:
     def describe_range(self) -> str:
         if self.type == "bool":
             return "true or false"
+        if self.type == "str":
+            return "one of " + ", ".join(self.options)
         if self.type == "int" and self.high is None and self.low is not None:
             return f"a whole number >= {self.low:g}"
         if self.low is None and self.high is None:
@@ -92,6 +95,14 @@ class Tunable:
                 where=where,
                 fix=f"write {self.name}: true or {self.name}: false",
             )
+        if self.type == "str":
+            if isinstance(value, str) and value in self.options:
+                return value
+            import difflib
+
+            close = difflib.get_close_matches(str(value), self.options, n=1)
+            raise ConfigError(f"{self.name} must be one of {', '.join(self.options)}, got {value!r}", where=where,
+                              fix=(f"did you mean {close[0]!r}? " if close else "") + f"use {self.describe_range()}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(
                 f"{self.name} must be a number, got {value!r}",
