@@ -185,3 +185,28 @@ def test_moe_search_best_yaml_builds_the_scored_model(run, tmp_path):
              merge_options=options, device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mk"), dtype=torch.float32).state_dict()
     assert all(torch.equal(theirs[k], on_disk[k]) for k in on_disk)
+
+
+@pytest.mark.slow
+def test_toy_moe_rows_of_the_readme(monkeypatch):
+    """The README's toy-table MoE rows (report-split mixture), from the example configs (whose paths
+    are relative to the repository root, as the examples say)."""
+    from evomerge.executors.worker import Worker, WorkerSpec
+    from evomerge.moe.config import load_moe_config
+    from evomerge.toy.family import family
+
+    repo = Path(__file__).resolve().parents[1]
+    fam = family()
+    skills = list(fam.skills)
+    spec = WorkerSpec(sources=(str(fam.base), *(str(fam.experts[s]) for s in skills)), base=str(fam.base),
+                      tasks=tuple(f"toy_{s}" for s in skills), include_path=str(fam.tasks_dir))
+    monkeypatch.chdir(repo)
+    spec = WorkerSpec(sources=("./evomerge/toy/data/base", *(f"./evomerge/toy/data/experts/{s}" for s in skills)),
+                      base=str(fam.base), tasks=spec.tasks, include_path=spec.include_path)
+    worker = Worker(spec)
+    worker.setup()
+    for name, want in (("toy_moe.yaml", 0.493), ("toy_moe_best.yaml", 0.495)):
+        cfg = load_moe_config(repo / "examples" / name)
+        res = worker.evaluator.evaluate(worker.merge(cfg.to_dict()), "report")
+        mix = sum(res.metrics[f"toy_{s}_report"]["exact_match"] for s in skills) / len(skills)
+        assert round(mix, 3) == want, (name, mix)

@@ -151,7 +151,8 @@ def iter_tensors(p: MoEPlan, sources: "Sources", gate_vecs: "torch.Tensor",
             if piece.expert is not None:
                 e = experts[piece.expert]
                 if e.noise_scale is not None:
-                    t = t + torch.randn(t.shape, dtype=t.dtype, generator=generator) * e.noise_scale
+                    noise = torch.randn(t.shape, dtype=t.dtype, generator=generator)  # CPU stream, as mergekit-moe
+                    t = t + noise.to(t.device) * e.noise_scale
                 if piece.residual and e.residual_scale is not None:
                     t = t * e.residual_scale
         elif piece.kind == "zeros":
@@ -290,7 +291,7 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
     shard_bytes = parse_size(shard_size)
     check_out(out, overwrite)
     check_device(device)
-    sources = _open(config, device, reads="copy")
+    sources = _open(config, "cpu", reads="copy")  # copying tensors gains nothing on a GPU; `device` runs the base
     try:
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         p = plan_moe(config, sources, allow_all_same=allow_all_same)

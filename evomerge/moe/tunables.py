@@ -44,7 +44,7 @@ class MoEConstruction(MergeMethod):
     global_params = (
         Tunable("experts_per_token", default=2, low=1, type="int", kind="global", search_low=1, search_high=2,
                 doc="experts each token is routed to"),
-        Tunable("gate_mode", default="hidden", type="str", options=GATE_MODES, kind="global",
+        Tunable("gate_mode", default="hidden", type="str", options=(*GATE_MODES, "hidden_avg"), kind="global",
                 doc="how the router weights are placed"),
     )
 
