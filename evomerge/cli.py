@@ -187,9 +187,60 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="also show transformers', datasets' and lm-eval's own progress bars and warnings")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="search although the overlap audit found items in two splits or two tasks (the report says so)")
+    p.add_argument("--allow-public-benchmark-contamination", action="store_true",
+                   help="search on a public benchmark's test set (mmlu, gsm8k, arc, ...); the report marks the run")
     p.add_argument("--reopen-report", action="store_true",
                    help="allow more trials after the report split was evaluated (the report says so)")
     p.set_defaults(func=_run_search)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score models (merges and their parents) under one protocol, with intervals "
+                                    "and paired tests",
+                       description="Score every MODEL on the same items under one protocol: a search space's "
+                       "objective (its report split by default) or plain lm-eval tasks. Prints a models x tasks "
+                       "table with 95%% intervals and paired tests against the first model; --out writes eval.md, "
+                       "eval.json and eval.png.")
+    p.add_argument("models", nargs="+", help="model folders (Hugging Face layout); the first is the reference")
+    p.add_argument("--space", help="score this search space's objective (tasks, weights, splits, protocol)")
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks (or task:metric), scored whole")
+    p.add_argument("--tasks-dir", help="folder of lm-eval task YAML for --tasks")
+    p.add_argument("--metric", default="exact_match", help="metric for --tasks without :metric (default exact_match)")
+    p.add_argument("--split", default="report", help="split role with --space: search, select or report (default)")
+    p.add_argument("--limit", type=int, help="seeded subset of N items per task")
+    p.add_argument("--out", help="folder for eval.md, eval.json, eval.png")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from evomerge.search.comparison import eval_models
+
+    eval_models(args.models, space=args.space, tasks=args.tasks, tasks_dir=args.tasks_dir, metric=args.metric,
+                split=args.split, limit=args.limit, out=args.out, device=args.device, dtype=args.dtype,
+                trust_remote_code=args.trust_remote_code)
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="print a finished run's evidence again; exit 1 if it broke its protocol",
+                       description="Print a finished run's splits and item hashes, overlap audit, benchmark lint, "
+                       "parent audit, statistics and protocol, from what the run stored. Exit 1 when the run "
+                       "broke its own protocol (the report split evaluated twice, trials after the report).")
+    p.add_argument("run", help="the run folder (--out of evomerge search)")
+    p.set_defaults(func=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from evomerge.search.audit import audit_run
+
+    text, breaches = audit_run(args.run)
+    print(text, end="")
+    return 1 if breaches else 0
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -208,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(sub)
     _add_merge(sub)
     _add_moe(sub)
+    _add_eval(sub)
+    _add_audit(sub)
     _add_toy(sub)
     return parser
 

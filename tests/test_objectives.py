@@ -30,7 +30,7 @@ def tasks_dir(tmp_path_factory) -> Path:
 
 def space_yaml(tmp: Path, tasks_dir: Path, *, extra: str = "", tasks: str | None = None, trials: int = 3,
                limit: int = 24) -> Path:
-    tasks = tasks or "    - {task: my_up, weight: 1, metric: exact_match}\n    - {task: arc_easy, weight: 1, metric: acc_norm}\n"
+    tasks = tasks or "    - {task: my_up, weight: 1, metric: exact_match}\n    - {task: mc_easy, weight: 1, metric: acc_norm}\n"
     text = (
         "name: carved\nmodels: [toy:up, toy:rev]\nmethod: slerp\n"
         "parameters: {slerp: {t: {low: 0.0, high: 1.0}}}\n"
@@ -91,10 +91,10 @@ def test_carved_search_end_to_end_touches_report_once(tmp_path, tasks_dir, capsy
     reported = record["report_evaluations"][0]["candidates"]
     assert splits_seen.count("report") == len(reported) and {"parent:up", "parent:rev"} <= set(reported)
     items = record["record"]["items"]
-    assert set(items) == {"my_up", "arc_easy"}
+    assert set(items) == {"my_up", "mc_easy"}
     up = items["my_up"]["splits"]
     assert sum(up[r]["items"] for r in ("search", "select", "report")) == 150
-    assert items["arc_easy"]["splits"]["report"]["items"] > 0 and items["arc_easy"]["files"]
+    assert items["mc_easy"]["splits"]["report"]["items"] > 0 and items["mc_easy"]["files"]
     best = (out / "best.yaml").read_text()
     assert "# protocol: num_fewshot 0" in best and "report split evaluated 1 time(s)" in best
     assert "items my_up: search" in best
@@ -124,7 +124,7 @@ def test_changed_protocol_on_resume_is_refused(tmp_path, tasks_dir, capsys):
 
 def test_no_select_or_report_item_in_any_fewshot_prompt(tasks_dir):
     """3-shot on a task with no few-shot split of its own: the examples come from a pool carved out
-    of search; on a task with a train split (arc_easy): from there. Checked on every prompt."""
+    of search; on a task with a train split (mc_easy): from there. Checked on every prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.toy.family import family
@@ -132,11 +132,11 @@ def test_no_select_or_report_item_in_any_fewshot_prompt(tasks_dir):
     fam = family()
     tok = AutoTokenizer.from_pretrained(fam.experts["up"])
     model = AutoModelForCausalLM.from_pretrained(fam.experts["up"])
-    ev = LMEvalEvaluator(tok, ["my_up", "arc_easy"], str(tasks_dir), splits=SplitSpec(),
+    ev = LMEvalEvaluator(tok, ["my_up", "mc_easy"], str(tasks_dir), splits=SplitSpec(),
                          protocol=ScoringProtocol(num_fewshot=3))
     rows = [json.loads(line) for line in (tasks_dir / "up.jsonl").read_text().splitlines()]
     leaf = ev.view("search").leaves["my_up"]
-    assert leaf.fewshot_source == "search-pool" and ev.view("search").leaves["arc_easy"].fewshot_source == "task"
+    assert leaf.fewshot_source == "search-pool" and ev.view("search").leaves["mc_easy"].fewshot_source == "task"
     held_out = [rows[i] for r in ("select", "report") for i in leaf.carving.indices[r]]
     pool = [rows[i] for i in leaf.carving.fewshot]
     shown_pool = 0
@@ -148,7 +148,7 @@ def test_no_select_or_report_item_in_any_fewshot_prompt(tasks_dir):
             assert not any(f"{r['prompt']}{r['answer']}" in p for r in held_out), p
             assert p.count("\n") == 3  # three examples, each on its own line
         shown_pool += sum(any(f"{r['prompt']}{r['answer']}" in p for p in prompts) for r in pool)
-        arc = [p for ps in res.prompts["arc_easy"].values() for p in ps]
+        arc = [p for ps in res.prompts["mc_easy"].values() for p in ps]
         test_questions = [json.loads(x)["question"] for x in (tasks_dir / "arc_test.json").read_text().splitlines()]
         for p in arc:
             assert sum(q in p for q in test_questions) == 1  # only the item itself; examples are from train
@@ -221,7 +221,7 @@ def test_validate_prints_the_objective(tmp_path, tasks_dir, capsys):
     space = space_yaml(tmp_path, tasks_dir)
     assert main(["validate", str(space)]) == 0
     out = capsys.readouterr().out
-    assert "my_up/exact_match" in out and "arc_easy/acc_norm" in out
+    assert "my_up/exact_match" in out and "mc_easy/acc_norm" in out
     assert "carved by content hash" in out and "items my_up: search" in out and "num_fewshot 0" in out
 
 
@@ -244,9 +244,9 @@ def test_chat_template_system_instruction_and_multiturn_fewshot(tmp_path, tasks_
     model = AutoModelForCausalLM.from_pretrained(fam.experts["up"])
     protocol = ScoringProtocol(num_fewshot=2, apply_chat_template=True, fewshot_as_multiturn=True,
                                system_instruction="Be brief.")
-    ev = LMEvalEvaluator(tok, ["my_up", "arc_easy"], str(tasks_dir), splits=SplitSpec(), protocol=protocol)
+    ev = LMEvalEvaluator(tok, ["my_up", "mc_easy"], str(tasks_dir), splits=SplitSpec(), protocol=protocol)
     res = ev.evaluate(model, "search", limit=3, per_item=True)
-    for task in ("my_up", "arc_easy"):
+    for task in ("my_up", "mc_easy"):
         prompts = [p for ps in res.prompts[task].values() for p in ps]
         assert prompts
         for p in prompts:

@@ -583,7 +583,7 @@ def test_real_workers_on_two_nodes_equal_in_process(cluster, toy_family):
 
 def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, tmp_path):
     """Carved splits and a 2-shot protocol travel to the actors with the spec: a generation task over
-    one JSONL file and a multiple-choice copy of arc_easy give the same scores, item counts and model
+    one JSONL file and a multiple-choice copy of arc_easy (mc_easy) give the same scores, item counts and model
     on two Ray nodes as in process, on the search and the select split."""
     from localtasks import write_tasks
 
@@ -601,7 +601,7 @@ def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, 
         parameters: {{slerp: {{t: {{low: 0.0, high: 1.0}}}}}}
         objective:
           tasks_dir: {tasks}
-          tasks: [{{task: my_up, metric: exact_match}}, {{task: arc_easy, metric: acc_norm}}]
+          tasks: [{{task: my_up, metric: exact_match}}, {{task: mc_easy, metric: acc_norm}}]
           splits: {{carve: {{search: 0.5, select: 0.3, report: 0.2}}, seed: 7}}
           protocol: {{num_fewshot: 2, batch_size: 8}}
         """))
@@ -620,7 +620,7 @@ def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, 
     assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
     for n in here:
         assert remote[n].metrics == here[n].metrics, f"job {n}: Ray and in-process results differ"
-        assert set(here[n].metrics) == {"my_up", "arc_easy", "fingerprint"}
+        assert set(here[n].metrics) == {"my_up", "mc_easy", "fingerprint"}
     carved = {split: sum(FingerprintEvaluator(spec).sizes(split).values()) for split in ("search", "select")}
     assert carved["search"] > carved["select"] > 0 and carved["search"] < 150 + 60
     for n, job in enumerate(jobs):

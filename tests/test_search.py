@@ -136,9 +136,14 @@ def test_search_runs_budget_and_writes_run_folder(tmp_path):
     assert result.winner.scores["select"]["score"] >= base.scores["select"]["score"]
     assert result.winner.scores["select"]["score"] == max(
         c.scores["select"]["score"] for c in result.candidates if "select" in c.scores)
-    # report scored once, for the winner, the baseline and the three parents
+    # report scored once, for the winner, the baseline, the three parents and the naive merges (uniform
+    # linear, TIES defaults, task arithmetic with lambda tuned on the search split; slerp is the baseline)
     report_jobs = [j for j in ex.jobs if j.split == "report"]
-    assert len(report_jobs) == 1 + 1 + 3
+    assert len(report_jobs) == 1 + 1 + 3 + 3
+    assert {c.label for c in result.candidates if c.label.startswith("naive:")} == {
+        "naive:linear (uniform)", "naive:ties (mergekit defaults, density 0.5)",
+        "naive:task_arithmetic (lambda tuned on search)"}
+    assert len([j for j in ex.jobs if j.tag == "naive"]) == 6  # the lambda grid, on the search split
     assert {c.label for c in result.candidates if "report" in c.scores} >= {"parent:add", "parent:rev", "parent:base"}
     for name in ("best.yaml", "trials.csv", "report.md", "plots/history.png", "plots/winner_curves.png"):
         assert (tmp_path / "run" / name).is_file(), name
@@ -333,7 +338,7 @@ def test_identical_candidates_are_not_scored_twice(tmp_path):
     ex = FakeExecutor()
     logs = []
     again = run_search(space.with_overrides(trials=4), out, executor=ex, progress=False, log=logs.append)
-    assert [j for j in ex.jobs if j.split == "search"] == []
+    assert [j for j in ex.jobs if j.split == "search" and j.tag != "naive"] == []  # (naive: the report's lambda grid)
     last = again.study.trials[-1]
     assert last.user_attrs["reused_from"] == twin.number and last.value == twin.value
     assert last.user_attrs["recipe_key"] == recipe_key(build_recipe(space, twin.params).to_dict())

@@ -51,6 +51,7 @@ class EvalResult:
     seconds: float
     items: dict[str, dict[str, list[float]]] | None = None
     prompts: dict[str, dict[int, list[str]]] | None = None  # per task, what each item's prompt was (per_item)
+    truncated: dict[str, float] | None = None  # per generation task, share of generations at the length limit
 
 
 class Evaluator(Protocol):
@@ -349,6 +350,17 @@ class LMEvalEvaluator:
                 out[name] = {}
         return out
 
+    def audit_items(self) -> list:
+        """Every item of every split role as `overlap.Item` (task leaf, role, document index, content)."""
+        from evomerge.evaluation.overlap import Item
+
+        out = []
+        for role in carving.ROLES:
+            for name, leaf in self.view(role).leaves.items():
+                keys = leaf.carving.keys
+                out += [Item(name, role, int(i), keys[i]) for i in leaf.carving.indices[role]]
+        return out
+
     def record(self) -> dict:
         """What the items of this objective are: per lm-eval task and split, the item count and a hash
         of the items, where few-shot examples come from, and hashes of the task files."""
@@ -403,7 +415,25 @@ class LMEvalEvaluator:
         items = _item_rows(out["samples"], list(view.leaves), _metric_rows(out["results"], list(view.leaves))) \
             if per_item else None
         return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items,
-                          prompts=_prompts(out["samples"]) if per_item else None)
+                          prompts=_prompts(out["samples"]) if per_item else None,
+                          truncated=self._truncation(out["samples"], view) if per_item else None)
+
+    def _truncation(self, logged: dict[str, list[dict]], view: _View) -> dict[str, float]:
+        """Per generation task, the share of generations that reached the token limit (max_gen_toks):
+        a model cut off there is scored on an unfinished answer."""
+        out = {}
+        for name, docs in logged.items():
+            leaf = view.leaves.get(name)
+            if leaf is None or leaf.task.config.output_type != "generate_until" or not docs:
+                continue
+            limit = int((leaf.task.config.generation_kwargs or {}).get("max_gen_toks") or 256)  # HFLM's default
+            hit = 0
+            for d in docs:
+                resp = d.get("resps") or [[""]]
+                text = resp[0][0] if isinstance(resp[0], (list, tuple)) else resp[0]
+                hit += len(self.tokenizer(str(text), add_special_tokens=False)["input_ids"]) >= limit
+            out[name] = hit / len(docs)
+        return out
 
 
 def _prompts(logged: dict[str, list[dict]]) -> dict[str, dict[int, list[str]]]:

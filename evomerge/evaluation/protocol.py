@@ -44,9 +44,10 @@ class SplitSpec(_Strict):
 
     `carve` (the default): evomerge carves each task's evaluation documents by content hash
     (`evaluation/splits.py`) with `fractions` and `seed`. `named`: the tasks are already split, and
-    task `T` on split role `r` is the lm-eval task `T_<names[r]>` (the toy family's form)."""
+    task `T` on split role `r` is the lm-eval task `T_<names[r]>` (the toy family's form). `whole`
+    (`evomerge eval --tasks`): no split, every role is all of the task's evaluation items."""
 
-    mode: Literal["carve", "named"] = "carve"
+    mode: Literal["carve", "named", "whole"] = "carve"
     fractions: Carve = Carve()
     seed: int = 0
     names: dict[str, str] = Field(default_factory=lambda: {r: r for r in ROLES})

@@ -73,6 +73,7 @@ class TrialJob:
     limit: int | None = None
     seed: int = 0
     tag: str = ""  # free text the caller uses to route outcomes (e.g. "search", "select", "report:x")
+    per_item: bool = False  # also return every item's score (the report's paired statistics)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class TrialOutcome:
     pid: int
     tag: str = ""
     samples: dict[str, int] | None = None
+    items: dict[str, dict[str, list[float]]] | None = None  # per task and metric, each item (per_item jobs)
+    truncated: dict[str, float] | None = None  # per generation task, the share that hit the length limit
 
     @property
     def ok(self) -> bool:
@@ -98,6 +101,16 @@ def _load_callable(path: str):
     if not module or not attr:
         raise ValueError(f"evaluator {path!r} must look like 'package.module:callable'")
     return getattr(importlib.import_module(module), attr)
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _finite_metrics(metrics: dict) -> dict[str, dict[str, float]]:
@@ -217,6 +230,7 @@ class Worker:
         t_start = time.perf_counter()
         metrics = None
         samples = None
+        items = truncated = None
         error = None
         stage = "setup"
         try:
@@ -230,7 +244,12 @@ class Worker:
             timings["merge"] = time.perf_counter() - t0
             stage = "evaluate"
             t0 = time.perf_counter()
-            result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed)
+            if job.per_item and _accepts(self.evaluator.evaluate, "per_item"):  # plug-ins may not offer it
+                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed, per_item=True)
+                items = getattr(result, "items", None)
+                truncated = getattr(result, "truncated", None)
+            else:
+                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed)
             timings["eval"] = time.perf_counter() - t0
             metrics = _finite_metrics(result.metrics)
             samples = dict(getattr(result, "samples", {}) or {})
@@ -258,4 +277,6 @@ class Worker:
             pid=os.getpid(),
             tag=job.tag,
             samples=samples,
+            items=items if metrics is not None else None,
+            truncated=truncated if metrics is not None else None,
         )

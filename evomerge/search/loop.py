@@ -30,6 +30,7 @@ from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
 SELECT_ATTR = "select_scores"  # study user attr: {trial number: {"score": float, "tasks": {...}}}
 REPORT_ATTR = "report_scores"  # study user attr: {label: {"score": float, "tasks": {...}, "trial": n}}
 WINNER_ATTR = "winner"
+NAIVE_ATTR = "naive_search_scores"  # study user attr: {label: {"score": ...}} of the naive lambda grid, search split
 
 
 @dataclass
@@ -349,11 +350,13 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 
 
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
-                      key: Callable[[Candidate], str], log: Callable, progress: bool = False) -> None:
+                      key: Callable[[Candidate], str], log: Callable, progress: bool = False,
+                      tag: str | None = None) -> None:
     """Score candidates (not already in `cache`) on `split`, full split, through the executor, with the
     same progress display as the trials."""
-    from evomerge.search.score import ScoreError, mixture, task_values
+    from evomerge.search.score import ScoreError, mixture, task_items, task_values
 
+    per_item = split == "report"  # the report's intervals and paired tests need every item's score
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
@@ -364,7 +367,9 @@ def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate],
             while queue and len(jobs) < executor.slots:
                 i, cand = queue.pop(0)
                 jobs[i] = cand
-                executor.submit(TrialJob(i, cand.recipe.to_dict(), split, None, space.budget.seed, tag=split))
+                limit = space.budget.limit if split == "search" else None
+                executor.submit(TrialJob(i, cand.recipe.to_dict(), split, limit, space.budget.seed, tag=tag or split,
+                                         per_item=per_item))
             for outcome in executor.wait(None):
                 cand = jobs.pop(outcome.number)
                 entry: dict[str, Any]
@@ -372,6 +377,10 @@ def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate],
                     try:
                         entry = {"score": mixture(outcome.metrics, space.objective, split),
                                  "tasks": task_values(outcome.metrics, space.objective, split)}
+                        if per_item and outcome.items:
+                            entry["items"] = task_items(outcome.items, space.objective, split)
+                        if per_item and outcome.truncated is not None:
+                            entry["truncated"] = outcome.truncated
                     except ScoreError as exc:
                         entry = {"score": None, "error": str(exc)}
                 else:
@@ -435,6 +444,7 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     report = [winner] + [by_number[t.number] for t in baselines.values() if t.number != winner.trial]
     for label, recipe in parent_recipes(space):
         report.append(Candidate(label, None, recipe))
+    report += _naive_candidates(study, space, executor, report, log, progress)
     unscored = [c.label for c in report if c.label not in report_cache]
     if unscored:  # every touch of the report split is logged (it should happen once per run)
         from evomerge.search.record import note_report
@@ -445,6 +455,32 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     study.set_user_attr(REPORT_ATTR, report_cache)
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
     return winner, ordered
+
+
+def _naive_candidates(study, space: SearchSpace, executor, taken: list[Candidate], log: Callable,
+                      progress: bool) -> list[Candidate]:
+    """The simple merges every result should be compared with (suggest.naive_recipes), not already among
+    the report's candidates; task arithmetic's lambda is tuned on the search split first (cached)."""
+    from evomerge.search.suggest import naive_recipes
+
+    fixed, grid = naive_recipes(space)
+    if grid:
+        cache = dict(study.user_attrs.get(NAIVE_ATTR, {}))
+        cands = [Candidate(label, None, recipe) for label, recipe in grid]
+        _score_candidates(executor, space, cands, "search", cache, lambda c: c.label, log, progress, tag="naive")
+        study.set_user_attr(NAIVE_ATTR, cache)
+        scored = [c for c in cands if cache[c.label].get("score") is not None]
+        if scored:
+            best = max(scored, key=lambda c: cache[c.label]["score"])
+            fixed.append(("naive:task_arithmetic (lambda tuned on search)", best.recipe))
+    seen = {recipe_key(c.recipe.to_dict()) for c in taken}
+    out = []
+    for label, recipe in fixed:
+        k = recipe_key(recipe.to_dict())
+        if k not in seen:
+            seen.add(k)
+            out.append(Candidate(label, None, recipe))
+    return out
 
 
 def _search_mixture(trial, space: SearchSpace) -> float | None:
@@ -475,6 +511,8 @@ def run_search(
     reopen_report: bool = False,
     trust_remote_code: bool = False,
     verbose: bool = False,
+    allow_overlap: bool = False,
+    allow_public_benchmark: bool = False,
 ) -> SearchResult:
     """Search (or resume) to the budget, select, report, and write the run folder.
 
@@ -493,7 +531,8 @@ def run_search(
     worker, record = None, None
     if own_executor:
         worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker,  # before anything is on disk
-                                   trust_remote_code=trust_remote_code, verbose=verbose)
+                                   trust_remote_code=trust_remote_code, verbose=verbose, allow_overlap=allow_overlap,
+                                   allow_public_benchmark=allow_public_benchmark)
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
     space, notes = resume_settings(space, storage, reopen_report=reopen_report)
@@ -530,11 +569,15 @@ def run_search(
 
 
 def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None,
-              trust_remote_code: bool = False, verbose: bool = False):
-    """Every check that needs no search, before anything is written: the sources agree, every method's
-    baseline plans, every task resolves, every split is non-empty and large enough for the search
-    limit, and every metric exists (a one-item dry run on the first model). Returns the set-up
-    worker (its model and tasks are built; the in-process executor adopts it) and the protocol record."""
+              trust_remote_code: bool = False, verbose: bool = False, allow_overlap: bool = False,
+              allow_public_benchmark: bool = False):
+    """Every check that needs no search, before anything is written: the objective is not a public
+    benchmark's test set (unless allowed), the sources agree, every method's baseline plans, every task
+    resolves, every split is non-empty and large enough for the search limit, no item occurs in two
+    splits or two tasks (the overlap audit, unless allowed), and every metric exists (a one-item dry run
+    on the first model). Returns the set-up worker (its model and tasks are built; the in-process
+    executor adopts it) and the protocol record (with the audit's findings)."""
+    from evomerge.evaluation.benchmarks import public_benchmarks
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.merge import plan
     from evomerge.executors.worker import Worker
@@ -545,6 +588,15 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     from evomerge.search.suggest import baseline_params, build_recipe
 
     src = space.path or "space"
+    public = public_benchmarks([t.task for t in space.objective.tasks])
+    if public and not allow_public_benchmark:
+        i = next(i for i, t in enumerate(space.objective.tasks) if t.task == public[0][0])
+        listing = ", ".join(f"{t} ({fam})" for t, fam in public)
+        raise ConfigError(f"the objective searches on public benchmark test sets: {listing}; a recipe tuned on them "
+                          "overfits them, and the parents may have seen their items", where=f"{src}: objective.tasks[{i}].task",
+                          fix="search on held-out data of your own (any lm-eval task over your JSONL), or pass "
+                              "--allow-public-benchmark-contamination (the report marks the run)")
+    audit: dict = {"public_benchmarks": [list(p) for p in public], "overlap": None}
     fields: dict[str, str] = {}
     for i, m in enumerate(space.models):
         fields.setdefault(m.path, f"{src}: models[{i}]")
@@ -575,6 +627,8 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
             _check_sizes(space, ev, src)
         if hasattr(ev, "higher_is_better"):
             _check_directions(space, ev.higher_is_better("search"), src)
+        if hasattr(ev, "audit_items"):
+            audit["overlap"] = _overlap_audit(ev.audit_items(), allow_overlap, src)
         result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
     except ConfigError as exc:
         raise _at_task(exc, space, src) from None
@@ -586,7 +640,24 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
         raise ConfigError(f"the one-item dry run found no usable metric: {exc}",
                           where=f"{src}: objective.tasks[{i}].metric",
                           fix=f"name a metric that task {task.task!r} reports (the list above)") from None
-    return worker, protocol_record(space, worker.evaluator)
+    record = protocol_record(space, worker.evaluator)
+    record["audit"] = audit
+    return worker, record
+
+
+def _overlap_audit(items: list, allowed: bool, src: str) -> dict:
+    """Duplicates and near-duplicates across splits and tasks: refused unless `allowed`."""
+    from evomerge.evaluation import overlap
+
+    found = overlap.find(items)
+    if found and not allowed:
+        raise ConfigError(f"{len(found)}{'+' if len(found) >= 100 else ''} item(s) occur in two splits or two tasks "
+                          f"(same content, or a shared run of {overlap.NGRAM}+ words):\n{overlap.table(found)}\n",
+                          where=f"{src}: objective",
+                          fix="remove the duplicates from the task data (or carve un-split tasks), or pass "
+                              "--allow-overlap (the report says so)")
+    return {"items": len(items), "ngram": overlap.NGRAM, "found": [f.as_dict() for f in found[:20]],
+            "n_found": len(found), "allowed": allowed}
 
 
 def validate_space(path: str | Path, *, trust_remote_code: bool = False) -> str:
@@ -689,6 +760,8 @@ def run_search_cli(args) -> int:
         reopen_report=getattr(args, "reopen_report", False),
         trust_remote_code=getattr(args, "trust_remote_code", False),
         verbose=getattr(args, "verbose", False),
+        allow_overlap=getattr(args, "allow_overlap", False),
+        allow_public_benchmark=getattr(args, "allow_public_benchmark_contamination", False),
     )
     from evomerge.search.report import summary
 

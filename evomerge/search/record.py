@@ -47,8 +47,9 @@ def check_resume(stored: dict | None, current: dict, where: str) -> None:
     if stored is None:
         return
     # the settings first, then the items they led to (a new carving changes every item hash)
-    changed = differences({k: v for k, v in stored.items() if k != "items"},
-                          {k: v for k, v in current.items() if k != "items"})
+    skip = ("items", "audit")  # the audit's findings are reported, not compared
+    changed = differences({k: v for k, v in stored.items() if k not in skip},
+                          {k: v for k, v in current.items() if k not in skip})
     changed += differences({"items": stored.get("items")}, {"items": current.get("items")})
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
@@ -63,7 +64,8 @@ def check_resume(stored: dict | None, current: dict, where: str) -> None:
 def note_report(study, labels: list[str]) -> list[dict]:
     """Log one evaluation of the report split (who was scored, when); returns the whole log."""
     log = list(study.user_attrs.get(REPORT_LOG_ATTR, []))
-    log.append({"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "candidates": labels})
+    log.append({"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "candidates": labels,
+                "trials": len(study.get_trials(deepcopy=False))})  # trials so far: none may follow
     study.set_user_attr(REPORT_LOG_ATTR, log)
     return log
 
@@ -94,6 +96,28 @@ def protocol_lines(record: dict | None, report_log: list[dict] | None = None) ->
     return lines
 
 
+def audit_lines(record: dict | None) -> list[str]:
+    """The benchmark lint and the overlap audit as text lines (WARNING lines when something was allowed)."""
+    audit = (record or {}).get("audit")
+    if not audit:
+        return []
+    lines = []
+    if audit.get("public_benchmarks"):
+        names = ", ".join(f"{t} ({fam})" for t, fam in audit["public_benchmarks"])
+        lines.append(f"WARNING: searched on public benchmark test sets ({names}), allowed by "
+                     "--allow-public-benchmark-contamination: these scores may be contaminated")
+    ov = audit.get("overlap")
+    if ov:
+        if ov["n_found"]:
+            lines.append(f"WARNING: the overlap audit found {ov['n_found']} duplicate or near-duplicate item pair(s) "
+                         f"across splits or tasks, allowed by --allow-overlap (first: {ov['found'][0]['a']} ~ "
+                         f"{ov['found'][0]['b']})")
+        else:
+            lines.append(f"overlap audit: {ov['items']} items, no duplicate or near-duplicate ({ov['ngram']}-word runs) "
+                         "across splits or tasks")
+    return lines
+
+
 def _record_lines(record: dict) -> list[str]:
     p = record["protocol"]
     lines = [
@@ -107,4 +131,4 @@ def _record_lines(record: dict) -> list[str]:
         files = ", ".join(f"{k} {v}" for k, v in row.get("files", {}).items())
         lines.append(f"items {task}: " + ", ".join(parts) + f"; few-shot from {row['fewshot_source']}"
                      + (f"; files {files}" if files else ""))
-    return lines
+    return lines + audit_lines(record)

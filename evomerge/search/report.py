@@ -151,7 +151,7 @@ def trials_csv(study, space) -> str:
     return buf.getvalue()
 
 
-def report_md(result, storage: str, plots: list[str]) -> str:
+def report_md(result, storage: str, plots: list[str], ev: dict | None = None) -> str:
     space = result.space
     study = result.study
     w = result.winner
@@ -194,6 +194,10 @@ def report_md(result, storage: str, plots: list[str]) -> str:
     out.append("")
     out.append("Scores are the weighted objective (higher is better). Parents are scored on the report split only.")
     out.append("")
+    if ev:
+        from evomerge.search.evidence import markdown
+
+        out += markdown(ev)
     if w is not None:
         out += ["## Winner recipe", "", "```yaml", w.recipe.to_yaml().rstrip(), "```", ""]
     failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
@@ -276,7 +280,7 @@ def winner_curves(recipe, num_layers: int) -> dict[str, list[float]]:
     return curves
 
 
-def write_plots(result, out: Path) -> list[str]:
+def write_plots(result, out: Path, ev: dict | None = None) -> list[str]:
     """PNG plots into out/plots; returns their paths relative to `out`. Skips what cannot be drawn."""
     import matplotlib
 
@@ -343,7 +347,31 @@ def write_plots(result, out: Path) -> list[str]:
             ax.set_title(f"winner ({result.winner.label}): per-layer parameters")
             ax.legend(fontsize=7)
             save(fig, "winner_curves.png")
+    if ev and ev.get("models"):
+        fig = score_chart(ev, f"{result.space.name}: report split, 95% intervals")
+        save(fig, "report_scores.png")
     return made
+
+
+def score_chart(ev: dict, title: str):
+    """Bar chart of each model's report score with its 95% interval as error bars (winner first)."""
+    import matplotlib.pyplot as plt
+
+    labels = list(ev["models"])
+    points = [ev["models"][k]["report"]["point"] for k in labels]
+    err = [[p - ev["models"][k]["report"]["low"] for k, p in zip(labels, points)],
+           [ev["models"][k]["report"]["high"] - p for k, p in zip(labels, points)]]
+    fig, ax = plt.subplots()
+    colors = ["tab:green" if k == ev.get("winner") else ("tab:gray" if k.startswith("parent:") else "tab:blue")
+              for k in labels]
+    ax.barh(range(len(labels)), points, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("report score (weighted objective)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def write_run(result, *, storage: str) -> None:
@@ -351,12 +379,16 @@ def write_run(result, *, storage: str) -> None:
     out = Path(result.out)
     space = result.space
     atomic_write(out / "trials.csv", trials_csv(result.study, space))
-    plots = write_plots(result, out)
+    from evomerge.search.evidence import compute
+
+    ev = compute(result.candidates, result.winner, space.objective)
+    atomic_write(out / "evidence.json", json.dumps(ev, indent=1) + "\n")  # in report order: winner first
+    plots = write_plots(result, out, ev)
     if result.winner is not None:
         paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
         hashes = source_hashes(list(dict.fromkeys(paths)), out / "sources.json")
         atomic_write(out / "best.yaml", best_yaml(result, storage, hashes))
-    atomic_write(out / "report.md", report_md(result, storage, plots))
+    atomic_write(out / "report.md", report_md(result, storage, plots, ev))
     record, report_log = stored(result.study)
     record = {"space": space.name, "record": record, "report_evaluations": report_log}
     atomic_write(out / "record.json", json.dumps(record, indent=1, sort_keys=True) + "\n")

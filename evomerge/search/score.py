@@ -47,6 +47,37 @@ def task_values(metrics: dict, objective: Objective, split: str | None = None) -
     return {t.task: find_metric(metrics, t.task, t.metric, split) for t in objective.tasks}
 
 
+def task_items(items: dict[str, dict[str, list[float]]], objective: Objective,
+               split: str | None = None) -> dict[str, list[float]]:
+    """{task: per-item scores of its metric}, signed by direction (higher is better), for the paired
+    statistics. A group task's leaves are concatenated. Raises ScoreError when a task has no items."""
+    if split and objective.splits.mode == "named" and split in objective.splits.names:
+        split = objective.splits.names[split]
+    out = {}
+    for t in objective.tasks:
+        names = [n for n in (t.task, f"{t.task}_{split}" if split else None) if n and n in items]
+        if not names:
+            names = sorted(k for k in items if k.startswith(f"{t.task}_"))
+        values: list[float] = []
+        for name in names:
+            row = items[name]
+            key = next((k for k in (t.metric, f"{t.metric},none") if k in row), None)
+            if key is None:
+                key = next((k for k in sorted(row) if k.startswith(f"{t.metric},")), None)
+            if key is not None:
+                values += [float(v) if t.direction == "maximize" else -float(v) for v in row[key]]
+        if not values:
+            raise ScoreError(f"no per-item {t.metric!r} scores for task {t.task!r}")
+        out[t.task] = values
+    return out
+
+
+def weights(objective: Objective) -> dict[str, float]:
+    """The mixture weights per task (equal when they sum to zero, as in `combine`)."""
+    total = sum(t.weight for t in objective.tasks)
+    return {t.task: (t.weight if total > 0 else 1.0) for t in objective.tasks}
+
+
 def combine(values: dict[str, float], objective: Objective) -> float:
     """Weighted mean of task values, each signed by its direction (higher is better)."""
     total = sum(t.weight for t in objective.tasks)

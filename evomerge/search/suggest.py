@@ -177,3 +177,41 @@ def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
         )
         out.append((f"parent:{m.name}", recipe))
     return out
+
+
+NAIVE_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def naive_recipes(space: SearchSpace) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The naive merges a result should beat, as (label, recipe): uniform linear over the models, slerp
+    t = 0.5 (two models), TIES at mergekit's defaults (with a base), and, second, the grid of task
+    arithmetic recipes (unit weights, lambda in NAIVE_LAMBDAS; with a base) whose best on the search
+    split is the strongest simple baseline in the literature."""
+    from evomerge.engine.recipe import MergeRecipe
+
+    models = [m for m in space.models if space.base is None or m.path != space.base.path]
+    dtypes = {"dtype": space.dtype, **({"out_dtype": space.out_dtype} if space.out_dtype else {})}
+    fixed: list[tuple[str, Any]] = []
+    grid: list[tuple[str, Any]] = []
+    if len(space.models) >= 2:
+        fixed.append(("naive:linear (uniform)", MergeRecipe.from_dict(
+            {"merge_method": "linear", "models": [{"model": m.path, "parameters": {"weight": 1.0}}
+                                                  for m in space.models], **dtypes})))
+    searched = set(space.method_names)  # a searched method's own baseline trial is its naive recipe already
+    if len(space.models) == 2 and "slerp" not in searched:
+        a, b = space.models
+        fixed.append(("naive:slerp (t 0.5)", MergeRecipe.from_dict(
+            {"merge_method": "slerp", "base_model": a.path, "models": [{"model": a.path}, {"model": b.path}],
+             "parameters": {"t": 0.5}, **dtypes})))
+    if space.base is not None and models and "ties" not in searched:
+        entries = [{"model": m.path, "parameters": {"weight": 1.0, "density": 0.5}}
+                   for m in models]
+        fixed.append(("naive:ties (mergekit defaults, density 0.5)", MergeRecipe.from_dict(
+            {"merge_method": "ties", "base_model": space.base.path, "models": entries, **dtypes})))
+    if space.base is not None and models:
+        for lam in NAIVE_LAMBDAS:
+            grid.append((f"naive:task_arithmetic lambda {lam:g}", MergeRecipe.from_dict(
+                {"merge_method": "task_arithmetic", "base_model": space.base.path,
+                 "models": [{"model": m.path, "parameters": {"weight": 1.0}} for m in models],
+                 "parameters": {"lambda": lam}, **dtypes})))
+    return fixed, grid
