@@ -65,8 +65,11 @@ def _tasks(d: Path, *, plant: bool) -> Path:
     return d
 
 
-def _space(tmp: Path, tasks_dir: Path, task_names=("mine_up", "mine_rev"), trials: int = 3) -> Path:
+def _space(tmp: Path, tasks_dir: Path, task_names=("mine_up", "mine_rev"), trials: int = 3,
+           reference: Path | None = None) -> Path:
     tasks = "".join(f"    - {{task: {t}, metric: exact_match}}\n" for t in task_names)
+    if reference is not None:
+        tasks += f"  reference_items: {reference}\n"
     p = tmp / "space.yaml"
     p.write_text(textwrap.dedent(f"""\
         name: ev
@@ -116,12 +119,17 @@ def test_public_benchmark_lint(tmp_path, capsys):
 def test_report_carries_intervals_paired_tests_drop_and_truncation(tmp_path):
     from evomerge.evaluation import stats
 
+    from localtasks import words
+
     tasks = _tasks(tmp_path / "tasks", plant=False)
-    space = _space(tmp_path, tasks, trials=4)
+    ref = tmp_path / "reference.jsonl"  # items of both skills that are in no split
+    ref.write_text("".join(json.dumps({"prompt": f"up {w}=", "answer": w.upper()}) + "\n" for w in words(200, 99)[-40:]))
+    space = _space(tmp_path, tasks, trials=4, reference=ref)
     out = tmp_path / "run"
     assert main(["search", str(space), "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "## Evidence: intervals and paired tests (report split)" in report
+    assert "## Parent audit: lineage and membership evidence" in report and "Min-K%++ AUROC" in report
     assert "overlap audit: 180 items, no duplicate" in report
     assert "Winner's curse: the winner scored" in report
     assert (out / "plots" / "report_scores.png").stat().st_size > 1000
@@ -145,6 +153,9 @@ def test_report_carries_intervals_paired_tests_drop_and_truncation(tmp_path):
     for m in ev["models"].values():
         assert m["report"]["low"] <= m["report"]["point"] <= m["report"]["high"]
         assert set(m["truncated"]) == {"mine_up_report", "mine_rev_report"}
+    for label in ("parent:up", "parent:rev", ev["winner"]):
+        mem = ev["parents"][label]["membership"]
+        assert 0 <= mem["auroc"] <= 1 and mem["reference_items"] == 40 and mem["report_items"] == 40
     drop = ev["drop"]
     assert drop["report"] == pytest.approx(ev["models"][ev["winner"]]["report"]["point"])
 
@@ -212,3 +223,48 @@ def test_eval_reproduces_the_readme_toy_table_within_its_intervals(tmp_path, mon
     for label, readme in (("best", 0.778), ("up", 0.630), ("next", 0.662)):
         m = res["models"][label]["mixture"]
         assert m["low"] <= readme <= m["high"], (label, m)
+
+
+@pytest.mark.slow
+def test_min_k_pp_separates_trained_items_from_fresh_ones():
+    """A toy expert fine-tuned (language-model loss) on 64 items: those items score clearly apart from
+    64 fresh items of the same skill; before that training, and on the toy family's held-out report
+    items, there is no such sign (AUROC near 0.5)."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluation.membership import min_k_pp
+    from evomerge.evaluation.stats import auroc
+    from evomerge.toy import training
+    from evomerge.toy.family import family
+    from evomerge.toy.skills import drawer
+
+    fam = family()
+    tok = AutoTokenizer.from_pretrained(str(fam.experts["up"]))
+    rng, seen, pairs = random.Random(123), set(), []
+    while len(pairs) < 128:
+        p, a = drawer("up")(rng)
+        if p not in seen:
+            seen.add(p)
+            pairs.append((p, a))
+    trained, fresh = pairs[:64], pairs[64:]
+    texts = lambda ps: [f"{p}{a}" for p, a in ps]  # noqa: E731
+    model = AutoModelForCausalLM.from_pretrained(str(fam.experts["up"]), dtype=torch.float32)
+    before = auroc(min_k_pp(model, tok, texts(trained)), min_k_pp(model, tok, texts(fresh)))
+    assert 0.35 < before < 0.65
+    torch.manual_seed(0)
+    ids, mask, _ = training.collate(trained)
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = auroc(min_k_pp(model, tok, texts(trained)), min_k_pp(model, tok, texts(fresh)))
+    assert after > 0.85, after  # measured: 0.925

@@ -361,6 +361,26 @@ class LMEvalEvaluator:
                 out += [Item(name, role, int(i), keys[i]) for i in leaf.carving.indices[role]]
         return out
 
+    def item_texts(self, split: str) -> list[str]:
+        """Every item of split role `split` as raw text, as a model would read it in training: the
+        prompt, the task's target delimiter, the target (for the membership audit)."""
+        out = []
+        for leaf in self.view(split).leaves.values():
+            task = leaf.task
+            docs = list(task.eval_docs)
+            delim = getattr(task.config, "target_delimiter", " ")
+            mc = getattr(task.config, "doc_to_choice", None) is not None
+            for i in leaf.carving.indices[split]:
+                doc = docs[i]
+                target = task.doc_to_target(doc)
+                if mc and isinstance(target, int) and not isinstance(target, bool):
+                    choices = task.doc_to_choice(doc)
+                    target = choices[target] if 0 <= target < len(choices) else target
+                if isinstance(target, (list, tuple)):
+                    target = target[0] if target else ""
+                out.append(f"{task.doc_to_text(doc)}{delim}{target}")
+        return out
+
     def record(self) -> dict:
         """What the items of this objective are: per lm-eval task and split, the item count and a hash
         of the items, where few-shot examples come from, and hashes of the task files."""

@@ -74,6 +74,7 @@ class TrialJob:
     seed: int = 0
     tag: str = ""  # free text the caller uses to route outcomes (e.g. "search", "select", "report:x")
     per_item: bool = False  # also return every item's score (the report's paired statistics)
+    reference: tuple[str, ...] = ()  # split "membership": texts the model cannot have seen (the audit's reference)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,21 @@ class Worker:
         write_moe(ResidentMoESink(self.moe_model), p, self.sources, self._gates)
         return self.moe_model
 
+    def _membership(self, model, reference: tuple[str, ...]):
+        """Min-K%++ of `model` on the report items and on the reference texts, and their AUROC."""
+        from evomerge.evaluation.membership import min_k_pp
+        from evomerge.evaluation.stats import auroc
+
+        if not hasattr(self.evaluator, "item_texts"):
+            raise ValueError("this evaluator cannot list its items (no item_texts): no membership audit")
+        texts = self.evaluator.item_texts("report")
+        tok = self.evaluator.tokenizer
+        seen, fresh = min_k_pp(model, tok, texts), min_k_pp(model, tok, list(reference))
+        value = auroc(seen, fresh)
+        return {"membership": {"auroc": value, "report_items": float(len(seen)),
+                               "reference_items": float(len(fresh))}}, {"report": {"min_k_pp": seen},
+                                                                          "reference": {"min_k_pp": fresh}}
+
     # -- per trial --------------------------------------------------------------------------------
     def run(self, job: TrialJob) -> TrialOutcome:
         """Merge and evaluate one candidate. Never raises: errors come back in `outcome.error`."""
@@ -244,15 +260,18 @@ class Worker:
             timings["merge"] = time.perf_counter() - t0
             stage = "evaluate"
             t0 = time.perf_counter()
-            if job.per_item and _accepts(self.evaluator.evaluate, "per_item"):  # plug-ins may not offer it
+            if job.split == "membership":  # the parent audit: Min-K%++ on the report items vs the reference
+                metrics, items = self._membership(model, job.reference)
+            elif job.per_item and _accepts(self.evaluator.evaluate, "per_item"):  # plug-ins may not offer it
                 result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed, per_item=True)
                 items = getattr(result, "items", None)
                 truncated = getattr(result, "truncated", None)
             else:
                 result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed)
             timings["eval"] = time.perf_counter() - t0
-            metrics = _finite_metrics(result.metrics)
-            samples = dict(getattr(result, "samples", {}) or {})
+            if job.split != "membership":
+                metrics = _finite_metrics(result.metrics)
+                samples = dict(getattr(result, "samples", {}) or {})
             bad = [
                 f"{t}/{m}" for t, row in metrics.items() for m, v in row.items() if not math.isfinite(v)
             ]

@@ -62,9 +62,6 @@ def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
             if point is None or abs(point - m["report"]["point"]) > 1e-9:
                 breaches.append(f"{label}: evidence.json says {m['report']['point']:.6f}, the stored items give "
                                 f"{point if point is None else round(point, 6)}")
-        parents = ev.get("parents")
-        if parents:
-            lines += ["## Parent audit", ""] + [f"- {x}" for x in parent_lines(parents)] + [""]
     else:
         lines += ["(no evidence.json: the run has no report yet)", ""]
     lines += ["## Verdict", ""]
@@ -73,20 +70,4 @@ def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", breaches
 
 
-def parent_lines(parents: dict) -> list[str]:
-    out = []
-    for label, p in parents.items():
-        lin = p.get("lineage") or {}
-        bits = [f"base_model {lin['base_model']}" if lin.get("base_model") else None,
-                "tagged merge" if lin.get("merge") else None,
-                f"datasets {', '.join(lin['datasets'])}" if lin.get("datasets") else None]
-        text = "; ".join(b for b in bits if b) or "no lineage declared (config.json, README.md)"
-        mem = p.get("membership")
-        if mem:
-            text += (f"; Min-K%++ AUROC {mem['auroc']:.3f} (report items vs {mem['reference_items']} reference items "
-                     f"of the same tasks; 0.5 = no sign of having seen them)")
-        out.append(f"{label}: {text}")
-    return out
-
-
-__all__ = ["audit_run", "parent_lines"]
+__all__ = ["audit_run"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def compute(candidates: list, winner: Any, objective) -> dict:
-    """`candidates`: loop.Candidate objects with `scores["report"]["items"]`; returns plain data."""
+def compute(candidates: list, winner: Any, objective, parents: dict | None = None) -> dict:
+    """`candidates`: loop.Candidate objects with `scores["report"]["items"]`; `parents`: the parent
+    audit (lineage and membership per model, `loop.parent_audit`); returns plain data."""
     from evomerge.evaluation import stats
     from evomerge.search.score import weights as mixture_weights
 
@@ -31,6 +32,8 @@ def compute(candidates: list, winner: Any, objective) -> dict:
         ci = stats.mixture_ci(rep["items"], w)
         out["models"][c.label] = {"report": ci.as_dict(), "items": sum(len(v) for v in rep["items"].values()),
                                   "truncated": rep.get("truncated")}
+    if parents:
+        out["parents"] = parents
     if winner is None or not (winner.scores.get("report") or {}).get("items"):
         return out
     out["winner"] = winner.label
@@ -85,10 +88,40 @@ def markdown(ev: dict) -> list[str]:
                      f"select and {_f(drop['report'])} on report (search minus report: "
                      f"{_f(drop['search_minus_report'])}). The report split was never used to choose.")
         lines.append("")
+    if ev.get("parents"):
+        lines += ["## Parent audit: lineage and membership evidence", ""]
+        lines += [f"- {x}" for x in parent_lines(ev["parents"])]
+        lines += ["", "Min-K%++ (k 20%) scores each report item by how much likelier the model finds its tokens "
+                      "than typical ones; the AUROC against reference items it cannot have seen is evidence, "
+                      "not a verdict.", ""]
     lines.append(f"Intervals: {ev['method']}. Truncated: share of generations that reached the token limit "
                  "(max_gen_toks), averaged over the generation tasks.")
     lines.append("")
     return lines
 
 
-__all__ = ["compute", "markdown"]
+def parent_lines(parents: dict) -> list[str]:
+    out = []
+    for label, p in parents.items():
+        if p.get("lineage") is None:
+            text = "the searched merge"
+            mem = p.get("membership")
+            if mem:
+                text += (f"; Min-K%++ AUROC {mem['auroc']:.3f} (report items vs {mem['reference_items']} reference "
+                         "items of the same tasks; 0.5 = no sign of having seen them)")
+            out.append(f"{label}: {text}")
+            continue
+        lin = p.get("lineage") or {}
+        bits = [f"base_model {lin['base_model']}" if lin.get("base_model") else None,
+                "tagged merge" if lin.get("merge") else None,
+                f"datasets {', '.join(lin['datasets'])}" if lin.get("datasets") else None]
+        text = "; ".join(b for b in bits if b) or "no lineage declared (config.json, README.md)"
+        mem = p.get("membership")
+        if mem:
+            text += (f"; Min-K%++ AUROC {mem['auroc']:.3f} (report items vs {mem['reference_items']} reference items "
+                     f"of the same tasks; 0.5 = no sign of having seen them)")
+        out.append(f"{label}: {text}")
+    return out
+
+
+__all__ = ["compute", "markdown", "parent_lines"]

@@ -381,7 +381,8 @@ def write_run(result, *, storage: str) -> None:
     atomic_write(out / "trials.csv", trials_csv(result.study, space))
     from evomerge.search.evidence import compute
 
-    ev = compute(result.candidates, result.winner, space.objective)
+    audit = {k: v for k, v in result.study.user_attrs.get("parent_audit", {}).items() if not k.startswith("_")}
+    ev = compute(result.candidates, result.winner, space.objective, parents=audit or None)
     atomic_write(out / "evidence.json", json.dumps(ev, indent=1) + "\n")  # in report order: winner first
     plots = write_plots(result, out, ev)
     if result.winner is not None:

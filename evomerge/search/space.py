@@ -116,6 +116,7 @@ class Objective(_Strict):
     splits: SplitSpec = SplitSpec()
     protocol: ScoringProtocol = ScoringProtocol()
     multi_objective: bool = False  # one objective per task (Pareto front, NSGA-II)
+    reference_items: str | None = None  # JSONL of items no model has seen (membership audit); absolute
 
 
 class Fidelity(_Strict):
@@ -256,7 +257,7 @@ class SearchSpace(_Strict):
         data = self.model_dump(mode="json", include={"models", "base", "dtype", "out_dtype", "methods"})
         if self.moe is not None:
             data["moe"] = self.moe.model_dump(mode="json")
-        data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol"})
+        data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol", "reference_items"})
         data["limit"] = self.budget.limit
         data["fidelity"] = self.budget.fidelity.limit if self.budget.fidelity else None
         blob = json.dumps(data, sort_keys=True).encode()
@@ -312,6 +313,7 @@ class _RawObjective(_Strict):
     splits: _RawSplits | None = None
     protocol: ScoringProtocol = ScoringProtocol()
     multi_objective: bool = False
+    reference_items: str | None = None  # JSONL of items no model can have seen (membership audit)
 
 
 class _RawMoE(_Strict):
@@ -554,8 +556,17 @@ def _objective(raw: _RawObjective, root: Path, source: str) -> Objective:
     if not raw.multi_objective and sum(t.weight for t in tasks) <= 0:
         raise ConfigError("the task weights sum to zero", where=f"{source}: objective.tasks",
                           fix="give at least one task a positive weight")
+    reference = None
+    if raw.reference_items is not None:
+        f = (root / raw.reference_items).resolve()
+        if not f.is_file():
+            raise ConfigError(f"reference items file {raw.reference_items!r} not found ({f})",
+                              where=f"{source}: objective.reference_items",
+                              fix="give a JSONL file (one {\"text\": ...} or {\"prompt\": ..., \"answer\": ...} per line) "
+                                  "relative to the space file")
+        reference = str(f)
     return Objective(tasks=tuple(tasks), tasks_dir=tasks_dir, splits=_splits(raw.splits, source, toy=raw.tasks_dir == "toy"),
-                     protocol=raw.protocol, multi_objective=raw.multi_objective)
+                     protocol=raw.protocol, multi_objective=raw.multi_objective, reference_items=reference)
 
 
 def _splits(raw: _RawSplits | None, source: str, *, toy: bool = False) -> SplitSpec:
