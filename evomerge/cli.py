@@ -191,6 +191,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="search although the overlap audit found items in two splits or two tasks (the report says so)")
     p.add_argument("--allow-public-benchmark-contamination", action="store_true",
                    help="search on a public benchmark's test set (mmlu, gsm8k, arc, ...); the report marks the run")
+    p.add_argument("--no-evidence", action="store_true", help=argparse.SUPPRESS)  # benchmarks/evidence_overhead.py
     p.add_argument("--reopen-report", action="store_true",
                    help="allow more trials after the report split was evaluated (the report says so)")
     p.set_defaults(func=_run_search)

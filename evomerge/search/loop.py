@@ -352,12 +352,13 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
 
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
                       key: Callable[[Candidate], str], log: Callable, progress: bool = False,
-                      tag: str | None = None) -> None:
+                      tag: str | None = None, per_item: bool | None = None) -> None:
     """Score candidates (not already in `cache`) on `split`, full split, through the executor, with the
     same progress display as the trials."""
     from evomerge.search.score import ScoreError, mixture, task_items, task_values
 
-    per_item = split == "report"  # the report's intervals and paired tests need every item's score
+    if per_item is None:
+        per_item = split == "report"  # the report's intervals and paired tests need every item's score
     pending = [c for c in candidates if key(c) not in cache]
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
@@ -399,7 +400,7 @@ def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate],
 
 
 def select_and_report(study, space: SearchSpace, executor, *, log: Callable = print,
-                      progress: bool = False) -> tuple[Candidate | None, list[Candidate]]:
+                      progress: bool = False, evidence: bool = True) -> tuple[Candidate | None, list[Candidate]]:
     """Re-score the top-k and the baselines on `select`; the best there wins. Then score the winner,
     the parents and the baselines on `report`. Cached in study user attributes."""
     from optuna.trial import TrialState
@@ -445,16 +446,18 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     report = [winner] + [by_number[t.number] for t in baselines.values() if t.number != winner.trial]
     for label, recipe in parent_recipes(space):
         report.append(Candidate(label, None, recipe))
-    report += _naive_candidates(study, space, executor, report, log, progress)
+    if evidence:
+        report += _naive_candidates(study, space, executor, report, log, progress)
     unscored = [c.label for c in report if c.label not in report_cache]
     if unscored:  # every touch of the report split is logged (it should happen once per run)
         from evomerge.search.record import note_report
 
         note_report(study, unscored)
-    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log, progress)
+    _score_candidates(executor, space, report, "report", report_cache, lambda c: c.label, log, progress,
+                      per_item=evidence)
     report_cache["_winner"] = winner.trial
     study.set_user_attr(REPORT_ATTR, report_cache)
-    if study.user_attrs.get(PARENT_AUDIT_ATTR, {}).get("_winner") != winner.trial:
+    if evidence and study.user_attrs.get(PARENT_AUDIT_ATTR, {}).get("_winner") != winner.trial:
         study.set_user_attr(PARENT_AUDIT_ATTR, parent_audit(space, executor, winner, log))
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
     return winner, ordered
@@ -521,15 +524,21 @@ def parent_audit(space: SearchSpace, executor, winner: Candidate, log: Callable)
     log(f"evomerge: membership audit of {len(jobs)} model(s) (Min-K%++ on the report items vs {len(refs)} "
         "reference items)")
     pending = dict(enumerate(jobs))
-    for i, (label, recipe) in pending.items():
-        executor.submit(TrialJob(i, recipe.to_dict(), "membership", None, space.budget.seed, tag="membership",
-                                 reference=tuple(refs)))
-    left = set(pending)
-    while left:
+    queue, inflight = list(pending), set()
+    while queue or inflight:
+        while queue and len(inflight) < executor.slots:  # no more jobs than the executor has slots
+            i = queue.pop(0)
+            executor.submit(TrialJob(i, pending[i][1].to_dict(), "membership", None, space.budget.seed,
+                                     tag="membership", reference=tuple(refs)))
+            inflight.add(i)
+        if not inflight:  # no worker left
+            for i in queue:
+                out[pending[i][0]]["membership_error"] = "no worker left to run the membership audit"
+            break
         for outcome in executor.wait(None):
-            if outcome.number not in left:
+            if outcome.number not in inflight:
                 continue
-            left.discard(outcome.number)
+            inflight.discard(outcome.number)
             label = pending[outcome.number][0]
             if outcome.ok:
                 m = outcome.metrics["membership"]
@@ -596,6 +605,7 @@ def run_search(
     verbose: bool = False,
     allow_overlap: bool = False,
     allow_public_benchmark: bool = False,
+    evidence: bool = True,
 ) -> SearchResult:
     """Search (or resume) to the budget, select, report, and write the run folder.
 
@@ -615,7 +625,7 @@ def run_search(
     if own_executor:
         worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker,  # before anything is on disk
                                    trust_remote_code=trust_remote_code, verbose=verbose, allow_overlap=allow_overlap,
-                                   allow_public_benchmark=allow_public_benchmark)
+                                   allow_public_benchmark=allow_public_benchmark, evidence=evidence)
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
     space, notes = resume_settings(space, storage, reopen_report=reopen_report)
@@ -639,7 +649,7 @@ def run_search(
         info.update(stats)
         winner, cands = (None, [])
         if select:
-            winner, cands = select_and_report(study, space, executor, log=log, progress=progress)
+            winner, cands = select_and_report(study, space, executor, log=log, progress=progress, evidence=evidence)
     finally:
         if own_executor:
             executor.close()
@@ -647,13 +657,13 @@ def run_search(
     if write:
         from evomerge.search.report import write_run
 
-        write_run(result, storage=storage)
+        write_run(result, storage=storage, evidence=evidence)
     return result
 
 
 def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None,
               trust_remote_code: bool = False, verbose: bool = False, allow_overlap: bool = False,
-              allow_public_benchmark: bool = False):
+              allow_public_benchmark: bool = False, evidence: bool = True):
     """Every check that needs no search, before anything is written: the objective is not a public
     benchmark's test set (unless allowed), the sources agree, every method's baseline plans, every task
     resolves, every split is non-empty and large enough for the search limit, no item occurs in two
@@ -710,7 +720,7 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
             _check_sizes(space, ev, src)
         if hasattr(ev, "higher_is_better"):
             _check_directions(space, ev.higher_is_better("search"), src)
-        if hasattr(ev, "audit_items"):
+        if evidence and hasattr(ev, "audit_items"):
             audit["overlap"] = _overlap_audit(ev.audit_items(), allow_overlap, src)
         result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
     except ConfigError as exc:
@@ -845,6 +855,7 @@ def run_search_cli(args) -> int:
         verbose=getattr(args, "verbose", False),
         allow_overlap=getattr(args, "allow_overlap", False),
         allow_public_benchmark=getattr(args, "allow_public_benchmark_contamination", False),
+        evidence=not getattr(args, "no_evidence", False),
     )
     from evomerge.search.report import summary
 

@@ -374,7 +374,7 @@ def score_chart(ev: dict, title: str):
     return fig
 
 
-def write_run(result, *, storage: str) -> None:
+def write_run(result, *, storage: str, evidence: bool = True) -> None:
     """Write best.yaml, trials.csv, report.md and plots into the run folder (each atomically)."""
     out = Path(result.out)
     space = result.space
@@ -382,8 +382,9 @@ def write_run(result, *, storage: str) -> None:
     from evomerge.search.evidence import compute
 
     audit = {k: v for k, v in result.study.user_attrs.get("parent_audit", {}).items() if not k.startswith("_")}
-    ev = compute(result.candidates, result.winner, space.objective, parents=audit or None)
-    atomic_write(out / "evidence.json", json.dumps(ev, indent=1) + "\n")  # in report order: winner first
+    ev = compute(result.candidates, result.winner, space.objective, parents=audit or None) if evidence else None
+    if ev is not None:
+        atomic_write(out / "evidence.json", json.dumps(ev, indent=1) + "\n")  # in report order: winner first
     plots = write_plots(result, out, ev)
     if result.winner is not None:
         paths = [m.path for m in space.models] + ([space.base.path] if space.base else [])
