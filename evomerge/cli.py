@@ -44,6 +44,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                                   "its objective)")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.add_argument("--model-root", help=ROOT_HELP + " (recipes only)")
+    v.add_argument("--allow-overlap", action="store_true", help="spaces: report overlapping items instead of refusing")
+    v.add_argument("--allow-public-benchmark-contamination", action="store_true",
+                   help="spaces: accept an objective over a public benchmark's test set")
     v.set_defaults(func=_run_validate)
 
 
@@ -113,7 +116,8 @@ def _run_validate(args: argparse.Namespace) -> int:
 
             raise ConfigError("--model-root applies to merge recipes, and this is a search space", where="--model-root",
                               fix="drop --model-root; a space's model paths are resolved from the space file's folder")
-        print(validate_space(args.config, trust_remote_code=args.trust_remote_code))
+        print(validate_space(args.config, trust_remote_code=args.trust_remote_code, allow_overlap=args.allow_overlap,
+                             allow_public_benchmark=args.allow_public_benchmark_contamination))
         return 0
     from evomerge.moe.config import is_moe_file
 

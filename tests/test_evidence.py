@@ -109,6 +109,9 @@ def test_public_benchmark_lint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "objective.tasks[0].task: the objective searches on public benchmark test sets: gsm8k_mine (GSM8K)" in err
     assert "--allow-public-benchmark-contamination" in err and not out.exists()
+    assert main(["validate", str(space)]) == 2
+    assert main(["validate", str(space), "--allow-public-benchmark-contamination"]) == 0
+    assert "WARNING: searched on public benchmark" in capsys.readouterr().out
     assert main(["search", str(space), "--out", str(out), "--no-progress", "--trials", "1",
                  "--allow-public-benchmark-contamination"]) == 0
     assert "WARNING: searched on public benchmark test sets (gsm8k_mine (GSM8K))" in (out / "report.md").read_text()

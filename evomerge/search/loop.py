@@ -753,14 +753,16 @@ def _overlap_audit(items: list, allowed: bool, src: str) -> dict:
             "n_found": len(found), "allowed": allowed}
 
 
-def validate_space(path: str | Path, *, trust_remote_code: bool = False) -> str:
+def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_overlap: bool = False,
+                   allow_public_benchmark: bool = False) -> str:
     """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
     sizes, protocol). Writes nothing."""
     from evomerge.search.record import protocol_lines, splits_text
     from evomerge.search.space import load_space
 
     space = load_space(path)
-    _, record = preflight(space, trust_remote_code=trust_remote_code)
+    _, record = preflight(space, trust_remote_code=trust_remote_code, allow_overlap=allow_overlap,
+                          allow_public_benchmark=allow_public_benchmark)
     obj = space.objective
     lines = [f"ok: {path}",
              f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
