@@ -29,7 +29,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (Hugging Face layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--out-shard-size", default="5GB", help="largest shard, e.g. 500MB, 5GB (default 5GB)")
-    p.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda, cuda:1)")
+    p.add_argument("--device", default="cpu", help="where tensors are merged (cpu, cuda, cuda:1, auto)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the arithmetic (default 2, or $EVOMERGE_MERGE_THREADS); use the "
@@ -186,6 +186,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", help="join this Ray cluster instead of running in-process")
     p.add_argument("--trial-timeout", type=float, help="seconds a trial may take before it counts as failed")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per worker")
+    p.add_argument("--device", default="cpu",
+                   help="where trials merge and score: cpu (default), cuda, cuda:N or auto; with Ray, cuda gives "
+                        "each worker one GPU")
     p.add_argument("--evaluator", help=argparse.SUPPRESS)  # module:callable, for tests and plug-ins
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--verbose", action="store_true",
@@ -216,7 +219,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="report", help="split role with --space: search, select or report (default)")
     p.add_argument("--limit", type=int, help="seeded subset of N items per task")
     p.add_argument("--out", help="folder for eval.md, eval.json, eval.png")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_run_eval)

@@ -589,17 +589,28 @@ def _check_tokenizer(tok_dir: Path, p: MergePlan, sources: "Sources", where: str
     return n
 
 
-def check_device(device: str) -> None:
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when this machine has a GPU, else cpu; cpu, cuda and cuda:N are checked against the
+    machine (a ConfigError naming --device otherwise). Returns the device to use."""
     if device == "cpu":
-        return
+        return device
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}", where="--device", fix="use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", where="--device", fix="use --device cpu")
+        raise ConfigError(f"unknown device {device!r}", where="--device", fix="use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {dev.type!r} is not supported", where="--device", fix="use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("CUDA is not available on this machine", where="--device", fix="use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"there is no GPU {dev.index} (this machine has {torch.cuda.device_count()})",
+                              where="--device", fix=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -625,7 +636,7 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
     check_recipe(recipe)
     shard_bytes = parse_size(shard_size)
     check_out(out, overwrite)
-    check_device(device)
+    device = resolve_device(device)
     sources = _open_for(recipe, device, reads="copy")
     sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
     p = plan(recipe, sources)

@@ -80,8 +80,16 @@ def actor_options(
     """
     environ = os.environ if environ is None else environ
     threads = int(spec.threads or 1)
+    gpus = cluster_resources.get("GPU", 0)
+    if spec.device == "auto":  # the cluster decides: a GPU per actor when it has any
+        spec = replace(spec, device="cuda" if gpus >= 1 else "cpu")
+    if spec.device.startswith("cuda"):
+        if gpus < 1:
+            raise ConfigError("--device cuda, but the Ray cluster has no GPU", where="--device",
+                              fix="use --device cpu (or auto), or join a cluster with GPUs (--ray-address)")
+        num_gpus = 1 if num_gpus is None else num_gpus
     if num_gpus is None:
-        num_gpus = 1 if cluster_resources.get("GPU", 0) >= 1 else 0
+        num_gpus = 1 if gpus >= 1 else 0
     if num_gpus and spec.device == "cpu":
         spec = replace(spec, device="cuda")
     if spec.threads is None:

@@ -281,7 +281,7 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
                trust_remote_code: bool = False, allow_all_same: bool = False,
                model_root: str | os.PathLike | None = None) -> Path:
     """`evomerge moe`: build the MoE that `config_path` describes into the folder `out` (HF layout)."""
-    from evomerge.engine.merge import check_device
+    from evomerge.engine.merge import resolve_device
     from evomerge.engine.sinks import ShardedSafetensorsSink, parse_size
     from evomerge.moe.card import render_moe_card
 
@@ -290,7 +290,7 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
     config.check(allow_all_same=allow_all_same)
     shard_bytes = parse_size(shard_size)
     check_out(out, overwrite)
-    check_device(device)
+    device = resolve_device(device)
     sources = _open(config, "cpu", reads="copy")  # copying tensors gains nothing on a GPU; `device` runs the base
     try:
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")

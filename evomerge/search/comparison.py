@@ -59,7 +59,7 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
                 dtype: str = "float32", trust_remote_code: bool = False, log=print) -> dict:
     """Score every model on the same items; returns (and writes under `out`) the table as data."""
     from evomerge.engine.checkpoints import Sources
-    from evomerge.engine.merge import check_device
+    from evomerge.engine.merge import resolve_device
     from evomerge.evaluation import stats
     from evomerge.evaluation.splits import ROLES
     from evomerge.search.score import ScoreError, task_items, task_values, weights as mixture_weights
@@ -73,7 +73,7 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
     objective, sp = _objective(space, tasks, tasks_dir, metric)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
-    check_device(device)
+    device = resolve_device(device)
     sources = Sources.open({m: f"models[{i}]" for i, m in enumerate(models)})
     try:
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")

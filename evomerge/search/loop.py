@@ -56,7 +56,7 @@ class SearchResult:
 
 
 def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: str | None = None,
-                trust_remote_code: bool = False, verbose: bool = False) -> WorkerSpec:
+                trust_remote_code: bool = False, verbose: bool = False, device: str = "cpu") -> WorkerSpec:
     """The picklable description of a worker for this space."""
     paths = [m.path for m in space.models]
     if space.base is not None and space.base.path not in paths:
@@ -70,6 +70,7 @@ def worker_spec(space: SearchSpace, *, threads: int | None = None, evaluator: st
         tokenizer=space.tokenizer or template,
         tasks=tuple(t.task for t in obj.tasks),
         include_path=obj.tasks_dir,
+        device=device,
         threads=threads,
         batch_size=obj.protocol.batch_size,
         evaluator=evaluator,
@@ -606,6 +607,7 @@ def run_search(
     allow_overlap: bool = False,
     allow_public_benchmark: bool = False,
     evidence: bool = True,
+    device: str = "cpu",
 ) -> SearchResult:
     """Search (or resume) to the budget, select, report, and write the run folder.
 
@@ -621,11 +623,14 @@ def run_search(
     t0 = time.perf_counter()
     out = Path(out)
     own_executor = executor is None
+    device = _search_device(device, workers, ray_address)
     worker, record = None, None
     if own_executor:
         worker, record = preflight(space, evaluator=evaluator, threads=threads_per_worker,  # before anything is on disk
                                    trust_remote_code=trust_remote_code, verbose=verbose, allow_overlap=allow_overlap,
-                                   allow_public_benchmark=allow_public_benchmark, evidence=evidence)
+                                   allow_public_benchmark=allow_public_benchmark, evidence=evidence,
+                                   # Ray workers build their own; the driver's check model stays on the CPU
+                                   device=device if workers == 1 and not ray_address else "cpu")
     prepare_out(out, storage_given=storage is not None)
     storage = storage or default_storage(out)
     space, notes = resume_settings(space, storage, reopen_report=reopen_report)
@@ -639,7 +644,8 @@ def run_search(
     if own_executor:
         from evomerge.executors import make_executor
 
-        spec = worker_spec(space, evaluator=evaluator, trust_remote_code=trust_remote_code, verbose=verbose)
+        spec = worker_spec(space, evaluator=evaluator, trust_remote_code=trust_remote_code, verbose=verbose,
+                           device=device)
         local = workers == 1 and not ray_address
         executor = make_executor(spec, workers, ray_address, trial_timeout, threads_per_worker=threads_per_worker,
                                  **({"worker": worker} if local else {}))
@@ -661,9 +667,25 @@ def run_search(
     return result
 
 
+def _search_device(device: str, workers: int, ray_address: str | None) -> str:
+    """The device trials run on. In process: checked against this machine (`auto` resolved). With Ray,
+    each actor takes one GPU of its node when the device is cuda (so cuda:N cannot be honoured), and the
+    cluster's GPUs are checked when the actors are placed, not on this machine."""
+    from evomerge.engine.merge import resolve_device
+
+    if workers == 1 and not ray_address:
+        return resolve_device(device)
+    if device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} with Ray: each actor takes one GPU of its node", where="--device",
+                          fix="use --device cuda (one GPU per worker) or run in process (--workers 1)")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"unknown device {device!r}", where="--device", fix="use cpu, cuda or auto")
+    return device
+
+
 def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int | None = None,
               trust_remote_code: bool = False, verbose: bool = False, allow_overlap: bool = False,
-              allow_public_benchmark: bool = False, evidence: bool = True):
+              allow_public_benchmark: bool = False, evidence: bool = True, device: str = "cpu"):
     """Every check that needs no search, before anything is written: the objective is not a public
     benchmark's test set (unless allowed), the sources agree, every method's baseline plans, every task
     resolves, every split is non-empty and large enough for the search limit, no item occurs in two
@@ -712,7 +734,7 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     finally:
         sources.close()
     worker = Worker(worker_spec(space, evaluator=evaluator, threads=threads, trust_remote_code=trust_remote_code,
-                                verbose=verbose))
+                                verbose=verbose, device=device))
     try:
         worker.setup()
         ev = worker.evaluator
@@ -858,6 +880,7 @@ def run_search_cli(args) -> int:
         allow_overlap=getattr(args, "allow_overlap", False),
         allow_public_benchmark=getattr(args, "allow_public_benchmark_contamination", False),
         evidence=not getattr(args, "no_evidence", False),
+        device=getattr(args, "device", None) or "cpu",
     )
     from evomerge.search.report import summary
 
