@@ -10,6 +10,14 @@ wall time of the optimisation loop minus those two: ask/suggest/build/tell, stor
 progress bar, bookkeeping. The one-time set-up (model load, task building, first-call warm-up) is
 reported separately and excluded from the per-trial split, as is the first trial. Prints one JSON
 object: medians per trial and `other_fraction` (target: <= 0.10).
+
+`bf16` (skip with --no-bf16): why a bfloat16 search is slower on CPU. The same items of the search split
+are scored by the winner-free resident model in float32 and a bfloat16 copy of it (median of 3 calls
+each), and a 1024 x 1024 matmul is timed in both dtypes; the CPU's bf16 instruction support
+(avx512_bf16, amx_bf16) is read from /proc/cpuinfo. Measured (benchmarks/README.md): the matmuls are
+faster in bf16 on a CPU with avx512_bf16, but lm-eval's scoring call is not; its profile is dominated by
+dtype-conversion copies. evomerge keeps scoring the dtype that best.yaml exports (the scored model is
+the exported one); this factor is the price.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "toy_slerp_gradient.yaml"))
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--sampler", default=None)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the float32 vs bfloat16 scoring measurement")
     args = ap.parse_args(argv)
 
     from evomerge.executors.local import InProcessExecutor
@@ -81,9 +90,52 @@ def main(argv=None) -> int:
             "met": other / per_trial <= 0.10,
             "cpus": os.cpu_count(),
         }
+        if not args.no_bf16:
+            result["bf16"] = bf16_factor(executor.worker, space)
     executor.close()
     print(json.dumps(result, indent=1))
     return 0
+
+
+def bf16_factor(worker, space) -> dict:
+    """Scoring time of the resident model in float32 vs a bfloat16 copy, on the same items."""
+    import copy
+
+    import torch
+
+    def timed(model) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            worker.evaluator.evaluate(model, "search", limit=space.budget.limit, seed=space.budget.seed)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    fp32 = worker.model.float()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    t32, t16 = timed(fp32), timed(bf16)
+
+    def mm(dtype) -> float:
+        a = torch.randn(1024, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        return (time.perf_counter() - t) / 20
+
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"eval_float32_s": round(t32, 4), "eval_bfloat16_s": round(t16, 4), "eval_ratio_bf16_over_fp32": round(t16 / t32, 2),
+            "matmul_1024_float32_s": round(mm(torch.float32), 5), "matmul_1024_bfloat16_s": round(mm(torch.bfloat16), 5),
+            "cpu_avx512_bf16": "avx512_bf16" in flags, "cpu_amx_bf16": "amx_bf16" in flags,
+            "torch_threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":
