@@ -12,11 +12,11 @@ reported separately and excluded from the per-trial split, as is the first trial
 object: medians per trial and `other_fraction` (target: <= 0.10).
 
 `bf16` (skip with --no-bf16): why a bfloat16 search is slower on CPU. The same items of the search split
-are scored by the winner-free resident model in float32 and a bfloat16 copy of it (median of 3 calls
-each), and a 1024 x 1024 matmul is timed in both dtypes; the CPU's bf16 instruction support
-(avx512_bf16, amx_bf16) is read from /proc/cpuinfo. Measured (benchmarks/README.md): the matmuls are
-faster in bf16 on a CPU with avx512_bf16, but lm-eval's scoring call is not; its profile is dominated by
-dtype-conversion copies. evomerge keeps scoring the dtype that best.yaml exports (the scored model is
+are scored by the resident model (as the last trial left it) in float32 and a bfloat16 copy of it (median of 3 calls
+each); a plain batched generate of the same prompts and a 1024 x 1024 matmul are timed in both dtypes,
+the bf16 call's top operators are profiled, and the CPU's bf16 instruction support (avx512_bf16,
+amx_bf16) is read from /proc/cpuinfo. Measured (benchmarks/README.md): the matmuls are faster in bf16 on
+a CPU with avx512_bf16, generation is not, and dtype-conversion copies dominate the profile. evomerge keeps scoring the dtype that best.yaml exports (the scored model is
 the exported one); this factor is the price.
 """
 
@@ -115,6 +115,34 @@ def bf16_factor(worker, space) -> dict:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     t32, t16 = timed(fp32), timed(bf16)
 
+    # the same prompts through a plain batched generate (no lm-eval), and where the bf16 call spends its time
+    first = worker.evaluator.evaluate(fp32, "search", limit=space.budget.limit, seed=space.budget.seed, per_item=True)
+    prompts = [p[0] for task in first.prompts.values() for _, p in sorted(task.items())]
+    tok = worker.evaluator.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    new = max(int((leaf.task.config.generation_kwargs or {}).get("max_gen_toks") or 256)
+              for leaf in worker.evaluator.view("search").leaves.values())
+
+    def generate(model) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(prompts), 64):
+                enc = tok(prompts[i:i + 64], return_tensors="pt", padding=True)
+                model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t
+
+    generate(bf16)
+    g32, g16 = generate(fp32), generate(bf16)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        worker.evaluator.evaluate(bf16, "search", limit=space.budget.limit, seed=space.budget.seed)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    top = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 3)} for e in ops[:3]]
+
     def mm(dtype) -> float:
         a = torch.randn(1024, 1024, dtype=dtype)
         b = torch.randn(1024, 1024, dtype=dtype)
@@ -133,6 +161,8 @@ def bf16_factor(worker, space) -> dict:
     except OSError:
         pass
     return {"eval_float32_s": round(t32, 4), "eval_bfloat16_s": round(t16, 4), "eval_ratio_bf16_over_fp32": round(t16 / t32, 2),
+            "plain_generate_float32_s": round(g32, 4), "plain_generate_bfloat16_s": round(g16, 4),
+            "plain_generate_ratio_bf16_over_fp32": round(g16 / g32, 2), "bf16_eval_top_ops": top,
             "matmul_1024_float32_s": round(mm(torch.float32), 5), "matmul_1024_bfloat16_s": round(mm(torch.bfloat16), 5),
             "cpu_avx512_bf16": "avx512_bf16" in flags, "cpu_amx_bf16": "amx_bf16" in flags,
             "torch_threads": torch.get_num_threads()}

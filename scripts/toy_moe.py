@@ -4,7 +4,8 @@ Scores, on the toy family's `report` split (1,200 items), per item:
 - the naive MoE (all four experts, 2 per token, hidden-state routers) and the MoE a search found
   (`--moe-best`, a best.yaml of `evomerge search search_spaces/toy_moe.yaml`);
 - the best merge (`--merge-best`, default examples/toy_best_search.yaml) and the best expert (`next`);
-- a diagnostic: the base's attention with one expert's MLP (what any frankenMoE keeps of that expert).
+- a diagnostic: the base's attention with one expert's MLP (what any frankenMoE keeps of that expert);
+- the naive MoE built on the best merge instead of the base (its attention, norms and embeddings).
 Prints a JSON object: per-skill rows, mixtures, total and active parameter counts, and the paired
 bootstrap interval of each MoE against the best merge and the best expert (scripts/toy_table.py's
 `paired_delta`). Writes examples/toy_moe_best.yaml (relative paths) when --moe-best is given.
@@ -90,6 +91,27 @@ def main() -> int:
         score(f"base_attention_{s}_mlp", {"merge_method": "linear", "models": [
             {"model": experts[s], "parameters": {"weight": [{"filter": "mlp", "value": 1.0}, {"value": 0.0}]}},
             {"model": base, "parameters": {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]}}]})
+    # the same naive MoE with the best merge's attention instead of the base's: merge it to a temp folder
+    import tempfile
+
+    from evomerge.engine.merge import merge_to_dir
+
+    with tempfile.TemporaryDirectory(prefix="toy-moe-") as tmp:
+        merged = Path(tmp) / "best_merge"
+        cwd = os.getcwd()
+        os.chdir(REPO)  # the example recipe's paths are relative to the repository
+        try:
+            merge_to_dir(args.merge_best, merged, progress=False)
+        finally:
+            os.chdir(cwd)
+        on_merge = Worker(WorkerSpec(sources=(str(merged), *experts.values()), base=str(merged),
+                                     tasks=spec.tasks, include_path=spec.include_path))
+        on_merge.setup()
+        res = on_merge.evaluator.evaluate(on_merge.merge({**naive.to_dict(), "base_model": str(merged)}), "report")
+        row = {s: round(res.metrics[f"toy_{s}_report"]["exact_match"], 4) for s in skills}
+        row["mixture"] = round(mixture(row, weights), 4)
+        rows["moe_naive_on_best_merge_attention"] = row
+        print(f"[toy_moe] moe_naive_on_best_merge_attention: {row['mixture']:.3f}", file=sys.stderr)
     out = {"rows": rows, "parameters": {label: params(cfg) for label, cfg in moes.items()},
            "dense_parameters": sum(p.numel() for p in worker.model.parameters()), "paired": {}}
     for label in moes:

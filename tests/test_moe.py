@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -284,8 +285,9 @@ def test_parameter_counts(tmp_path, tiny_llama):
     # tiny llama: hidden 32, intermediate 64, 4 layers; each expert MLP is 3 * 32 * 64 per layer
     mlp = 3 * 32 * 64 * 4
     assert total - active == mlp * (4 - 2)
-    model = __import__("transformers").AutoModelForCausalLM
-    dense = sum(t.numel() for t in model.from_pretrained(str(fam.base)).parameters())
+    from transformers import AutoModelForCausalLM
+
+    dense = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(str(fam.base)).parameters())
     router = 4 * 4 * 32
     assert total == dense - mlp + 4 * mlp + router
 
@@ -295,7 +297,7 @@ def _refused(args, capsys, match: str, nothing_in: Path) -> None:
     before = sorted(p.name for p in nothing_in.iterdir())
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "evomerge: error:" in err and __import__("re").search(match, err), err
+    assert "evomerge: error:" in err and re.search(match, err), err
     assert sorted(p.name for p in nothing_in.iterdir()) == before  # nothing written, no temp folder left
 
 

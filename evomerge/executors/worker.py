@@ -234,10 +234,8 @@ class Worker:
         texts = self.evaluator.item_texts("report")
         tok = self.evaluator.tokenizer
         seen, fresh = min_k_pp(model, tok, texts), min_k_pp(model, tok, list(reference))
-        value = auroc(seen, fresh)
-        return {"membership": {"auroc": value, "report_items": float(len(seen)),
-                               "reference_items": float(len(fresh))}}, {"report": {"min_k_pp": seen},
-                                                                          "reference": {"min_k_pp": fresh}}
+        return {"membership": {"auroc": auroc(seen, fresh), "report_items": float(len(seen)),
+                               "reference_items": float(len(fresh))}}
 
     # -- per trial --------------------------------------------------------------------------------
     def run(self, job: TrialJob) -> TrialOutcome:
@@ -261,17 +259,16 @@ class Worker:
             stage = "evaluate"
             t0 = time.perf_counter()
             if job.split == "membership":  # the parent audit: Min-K%++ on the report items vs the reference
-                metrics, items = self._membership(model, job.reference)
-            elif job.per_item and _accepts(self.evaluator.evaluate, "per_item"):  # plug-ins may not offer it
-                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed, per_item=True)
-                items = getattr(result, "items", None)
-                truncated = getattr(result, "truncated", None)
+                metrics = self._membership(model, job.reference)
             else:
-                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed)
-            timings["eval"] = time.perf_counter() - t0
-            if job.split != "membership":
+                per_item = job.per_item and _accepts(self.evaluator.evaluate, "per_item")  # plug-ins may not
+                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed,
+                                                 **({"per_item": True} if per_item else {}))
+                items = getattr(result, "items", None) if per_item else None
+                truncated = getattr(result, "truncated", None) if per_item else None
                 metrics = _finite_metrics(result.metrics)
                 samples = dict(getattr(result, "samples", {}) or {})
+            timings["eval"] = time.perf_counter() - t0
             bad = [
                 f"{t}/{m}" for t, row in metrics.items() for m, v in row.items() if not math.isfinite(v)
             ]

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from evomerge.engine.output import check_out, copy_side_files, human_bytes, staged
 from evomerge.engine.sinks import ITEM_SIZE, TensorSpec
@@ -165,7 +165,7 @@ def iter_tensors(p: MoEPlan, sources: "Sources", gate_vecs: "torch.Tensor",
 
 
 def write_moe(sink: Any, p: MoEPlan, sources: "Sources", gates: GateSource, *,
-              progress: Callable[[int, int], None] | None = None) -> "torch.Tensor":
+              progress: bool = False) -> "torch.Tensor":
     """Router weights, then every output tensor, into `sink` (prepare, write each, finish). Returns the
     gate vectors (layers, gated experts, hidden)."""
     import torch
@@ -173,11 +173,19 @@ def write_moe(sink: Any, p: MoEPlan, sources: "Sources", gates: GateSource, *,
     generator = torch.Generator().manual_seed(p.config.seed)
     gate_vecs = gate_weights(p, gates, generator)
     sink.prepare(p.specs)
-    total = len(p.layout.pieces)
-    for i, (name, tensor) in enumerate(iter_tensors(p, sources, gate_vecs, generator)):
-        sink.write(name, tensor)
-        if progress is not None:
-            progress(i + 1, total)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(p.layout.pieces), desc="building", unit="tensor", dynamic_ncols=True)
+    try:
+        for name, tensor in iter_tensors(p, sources, gate_vecs, generator):
+            sink.write(name, tensor)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     sink.finish()
     return gate_vecs
 
@@ -299,9 +307,8 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
         base_dir = sources.path(config.base_model)
         gates = GateSource(str(base_dir), sources, config.base_model, trust_remote_code=trust_remote_code,
                            device=device)
-        bar = _progress_bar(progress)
         with staged(out) as tmp:
-            gate_vecs = write_moe(ShardedSafetensorsSink(tmp, shard_bytes), p, sources, gates, progress=bar)
+            gate_vecs = write_moe(ShardedSafetensorsSink(tmp, shard_bytes), p, sources, gates, progress=progress)
             (tmp / "config.json").write_text(json.dumps(p.layout.out_config, indent=2, sort_keys=True) + "\n",
                                              encoding="utf-8")
             copy_side_files(tmp, config_from=base_dir, tokenizer_from=base_dir)
@@ -319,21 +326,6 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
               f"({', '.join(map(str, weak[:8]))}{'...' if len(weak) > 8 else ''}): the prompts may be too "
               "similar, and some experts will be chosen rarely", file=sys.stderr)
     return out
-
-
-def _progress_bar(enabled: bool) -> Callable[[int, int], None] | None:
-    if not enabled:
-        return None
-    import sys
-
-    def show(done: int, total: int) -> None:
-        if done == total or done % 16 == 0:
-            sys.stderr.write(f"\r  tensors {done}/{total}")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    return show
 
 
 def validate_moe(config_path: str | os.PathLike, *, trust_remote_code: bool = False, allow_all_same: bool = False,

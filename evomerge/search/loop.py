@@ -351,6 +351,24 @@ def top_trials(study, space: SearchSpace, k: int) -> list:
     return out
 
 
+def _each_outcome(executor, jobs: list[TrialJob]):
+    """Run `jobs` (numbered 0..n-1) through the executor, never more than its slots at once; yield each
+    outcome as it finishes."""
+    queue, inflight = list(jobs), set()
+    while queue or inflight:
+        while queue and len(inflight) < executor.slots:
+            job = queue.pop(0)
+            executor.submit(job)
+            inflight.add(job.number)
+        if not inflight:
+            raise EvomergeError("no worker is left to run the remaining jobs (all were retired after failures)",
+                                where="executor", fix="check the worker logs; rerun to resume")
+        for outcome in executor.wait(None):
+            if outcome.number in inflight:
+                inflight.discard(outcome.number)
+                yield outcome
+
+
 def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate], split: str, cache: dict,
                       key: Callable[[Candidate], str], log: Callable, progress: bool = False,
                       tag: str | None = None, per_item: bool | None = None) -> None:
@@ -364,36 +382,32 @@ def _score_candidates(executor, space: SearchSpace, candidates: list[Candidate],
     if pending:
         log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
     bar = _Progress(progress and bool(pending), len(pending), 0, desc=split, unit="candidate")
-    best, jobs, queue = None, {}, list(enumerate(pending))
+    limit = space.budget.limit if split == "search" else None
+    jobs = [TrialJob(i, c.recipe.to_dict(), split, limit, space.budget.seed, tag=tag or split, per_item=per_item)
+            for i, c in enumerate(pending)]
+    best = None
     try:
-        while queue or jobs:
-            while queue and len(jobs) < executor.slots:
-                i, cand = queue.pop(0)
-                jobs[i] = cand
-                limit = space.budget.limit if split == "search" else None
-                executor.submit(TrialJob(i, cand.recipe.to_dict(), split, limit, space.budget.seed, tag=tag or split,
-                                         per_item=per_item))
-            for outcome in executor.wait(None):
-                cand = jobs.pop(outcome.number)
-                entry: dict[str, Any]
-                if outcome.ok:
-                    try:
-                        entry = {"score": mixture(outcome.metrics, space.objective, split),
-                                 "tasks": task_values(outcome.metrics, space.objective, split)}
-                        if per_item and outcome.items:
-                            entry["items"] = task_items(outcome.items, space.objective, split)
-                        if per_item and outcome.truncated is not None:
-                            entry["truncated"] = outcome.truncated
-                    except ScoreError as exc:
-                        entry = {"score": None, "error": str(exc)}
-                else:
-                    entry = {"score": None, "error": _short(outcome.error or "failed", 500)}
-                if entry["score"] is None:
-                    log(f"evomerge: {cand.label} could not be scored on {split}: {entry['error'].splitlines()[0]}")
-                elif best is None or entry["score"] > best:
-                    best = entry["score"]
-                cache[key(cand)] = entry
-                bar.update(best, 0)
+        for outcome in _each_outcome(executor, jobs):
+            cand = pending[outcome.number]
+            entry: dict[str, Any]
+            if outcome.ok:
+                try:
+                    entry = {"score": mixture(outcome.metrics, space.objective, split),
+                             "tasks": task_values(outcome.metrics, space.objective, split)}
+                    if per_item and outcome.items:
+                        entry["items"] = task_items(outcome.items, space.objective, split)
+                    if per_item and outcome.truncated is not None:
+                        entry["truncated"] = outcome.truncated
+                except ScoreError as exc:
+                    entry = {"score": None, "error": str(exc)}
+            else:
+                entry = {"score": None, "error": _short(outcome.error or "failed", 500)}
+            if entry["score"] is None:
+                log(f"evomerge: {cand.label} could not be scored on {split}: {entry['error'].splitlines()[0]}")
+            elif best is None or entry["score"] > best:
+                best = entry["score"]
+            cache[key(cand)] = entry
+            bar.update(best, 0)
     finally:
         bar.close()
     for cand in candidates:
@@ -524,29 +538,16 @@ def parent_audit(space: SearchSpace, executor, winner: Candidate, log: Callable)
         return out
     log(f"evomerge: membership audit of {len(jobs)} model(s) (Min-K%++ on the report items vs {len(refs)} "
         "reference items)")
-    pending = dict(enumerate(jobs))
-    queue, inflight = list(pending), set()
-    while queue or inflight:
-        while queue and len(inflight) < executor.slots:  # no more jobs than the executor has slots
-            i = queue.pop(0)
-            executor.submit(TrialJob(i, pending[i][1].to_dict(), "membership", None, space.budget.seed,
-                                     tag="membership", reference=tuple(refs)))
-            inflight.add(i)
-        if not inflight:  # no worker left
-            for i in queue:
-                out[pending[i][0]]["membership_error"] = "no worker left to run the membership audit"
-            break
-        for outcome in executor.wait(None):
-            if outcome.number not in inflight:
-                continue
-            inflight.discard(outcome.number)
-            label = pending[outcome.number][0]
-            if outcome.ok:
-                m = outcome.metrics["membership"]
-                out[label]["membership"] = {"auroc": m["auroc"], "report_items": int(m["report_items"]),
-                                            "reference_items": int(m["reference_items"]), "reference": source}
-            else:
-                out[label]["membership_error"] = _short(outcome.error or "failed", 300)
+    runs = [TrialJob(i, recipe.to_dict(), "membership", None, space.budget.seed, tag="membership",
+                     reference=tuple(refs)) for i, (_, recipe) in enumerate(jobs)]
+    for outcome in _each_outcome(executor, runs):
+        label = jobs[outcome.number][0]
+        if outcome.ok:
+            m = outcome.metrics["membership"]
+            out[label]["membership"] = {"auroc": m["auroc"], "report_items": int(m["report_items"]),
+                                        "reference_items": int(m["reference_items"]), "reference": source}
+        else:
+            out[label]["membership_error"] = _short(outcome.error or "failed", 300)
     return out
 
 

@@ -30,14 +30,19 @@ def find_metric(metrics: dict[str, dict[str, float]], task: str, metric: str, sp
             row = metrics[found[0]]
     if row is None:
         raise ScoreError(f"no result for task {task!r} (got {', '.join(sorted(metrics)) or 'nothing'})")
+    key = metric_key(row, metric)
+    if key is None:
+        raise ScoreError(f"task {task!r} has no metric {metric!r} (got {', '.join(sorted(row))})")
+    value = float(row[key])
+    if not math.isfinite(value):
+        raise ScoreError(f"{task}/{key} is {value}")
+    return value
+
+
+def metric_key(row: dict, metric: str) -> str | None:
+    """The key under which `row` holds `metric`: `m`, else `m,none`, else the first `m,<filter>`."""
     keys = [metric, f"{metric},none"] + sorted(k for k in row if k.startswith(f"{metric},"))
-    for key in keys:
-        if key in row:
-            value = float(row[key])
-            if not math.isfinite(value):
-                raise ScoreError(f"{task}/{key} is {value}")
-            return value
-    raise ScoreError(f"task {task!r} has no metric {metric!r} (got {', '.join(sorted(row))})")
+    return next((k for k in keys if k in row), None)
 
 
 def task_values(metrics: dict, objective: Objective, split: str | None = None) -> dict[str, float]:
@@ -61,9 +66,7 @@ def task_items(items: dict[str, dict[str, list[float]]], objective: Objective,
         values: list[float] = []
         for name in names:
             row = items[name]
-            key = next((k for k in (t.metric, f"{t.metric},none") if k in row), None)
-            if key is None:
-                key = next((k for k in sorted(row) if k.startswith(f"{t.metric},")), None)
+            key = metric_key(row, t.metric)
             if key is not None:
                 values += [float(v) if t.direction == "maximize" else -float(v) for v in row[key]]
         if not values:
@@ -80,11 +83,9 @@ def weights(objective: Objective) -> dict[str, float]:
 
 def combine(values: dict[str, float], objective: Objective) -> float:
     """Weighted mean of task values, each signed by its direction (higher is better)."""
-    total = sum(t.weight for t in objective.tasks)
-    weights = {t.task: (t.weight if total > 0 else 1.0) for t in objective.tasks}
-    total = total if total > 0 else float(len(objective.tasks))
-    return sum(weights[t.task] * (values[t.task] if t.direction == "maximize" else -values[t.task])
-               for t in objective.tasks) / total
+    w = weights(objective)
+    return sum(w[t.task] * (values[t.task] if t.direction == "maximize" else -values[t.task])
+               for t in objective.tasks) / sum(w.values())
 
 
 def score(metrics_or_result, objective: Objective, split: str | None = None) -> float | tuple[float, ...]:
