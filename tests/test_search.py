@@ -217,22 +217,6 @@ def test_resume_refuses_a_different_space(tmp_path):
         run_search(other, out, executor=FakeExecutor(), progress=False)
 
 
-def test_fidelity_and_pruner(tmp_path):
-    text = SPACE.replace("search: {", "search: {fidelity: {limit: 8}, pruner: median, sampler: random, ")
-    space = make_space(tmp_path, text, trials=20)
-    ex = FakeExecutor()
-    result = run_search(space, tmp_path / "run", executor=ex, progress=False, select=False, write=False)
-    states = [t.state for t in result.study.trials]
-    assert optuna.trial.TrialState.PRUNED in states
-    assert len(states) == 20
-    low = [j for j in ex.jobs if j.tag == "low"]
-    assert all(j.limit == 8 for j in low) and len(low) == 20
-    pruned = [t for t in result.study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert all(t.intermediate_values for t in pruned)
-    full_numbers = {j.number for j in ex.jobs if j.tag == "full"}
-    assert not full_numbers & {t.number for t in pruned}  # a pruned trial never paid the full score
-
-
 def test_multi_objective_pareto(tmp_path):
     text = SPACE.replace("tasks: [toy_add, toy_rev]", "tasks: [toy_add, toy_rev]\n  multi_objective: true")
     space = make_space(tmp_path, text, trials=12)

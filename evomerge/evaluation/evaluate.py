@@ -51,6 +51,8 @@ class EvalResult:
     seconds: float
     items: dict[str, dict[str, list[float]]] | None = None
     prompts: dict[str, dict[int, list[str]]] | None = None  # per task, what each item's prompt was (per_item)
+    # per task, the position in the limit subset of each entry of `items` (per_item with ranks or picks)
+    positions: dict[str, list[int]] | None = None
     truncated: dict[str, float] | None = None  # per generation task, share of generations at the length limit
 
 
@@ -68,6 +70,32 @@ def subset(size: int, limit: int | None, seed: int, task: str) -> list[int] | No
         raise ConfigError(f"limit must be positive, got {limit}", where="evaluate", fix="use limit >= 1 or None")
     rng = random.Random(f"{seed}/{task}")
     return sorted(rng.sample(range(size), limit))
+
+
+def nested_order(size: int, seed: int, task: str) -> list[int]:
+    """A seeded order of the `size` items of a limit subset (positions 0..size-1): fidelity rungs take
+    its prefixes, so each rung holds the items of the one before and the last is the whole subset."""
+    order = list(range(size))
+    random.Random(f"{seed}/{task}/rungs").shuffle(order)
+    return order
+
+
+def chosen_positions(size: int, task: str, seed: int, ranks: tuple[int, int | None] | None,
+                     picks: dict[str, list[int]] | None) -> list[int] | None:
+    """Which positions of a task's limit subset (of `size` items) to score: `ranks` (a, b) takes
+    `nested_order(...)[a:b]`, `picks` the listed positions; None (neither): all of them."""
+    if ranks is not None:
+        a, b = ranks
+        return sorted(nested_order(size, seed, task)[a:b])
+    if picks is not None:
+        if task not in picks:
+            raise ConfigError(f"no items picked for task {task!r}", where="evaluate", fix="pick items of every task")
+        bad = [j for j in picks[task] if not 0 <= int(j) < size]
+        if bad:
+            raise ConfigError(f"picked item {bad[0]} of task {task!r} is outside its {size} items",
+                              where="evaluate", fix="pick positions of the limit subset")
+        return sorted({int(j) for j in picks[task]})
+    return None
 
 
 def _metric_rows(results: dict[str, dict], names: list[str]) -> dict[str, dict[str, float]]:
@@ -399,22 +427,34 @@ class LMEvalEvaluator:
 
     # -- per call ---------------------------------------------------------------------------------
     def evaluate(
-        self, model: Any, split: str, *, limit: int | None = None, seed: int = 0, per_item: bool = False
+        self, model: Any, split: str, *, limit: int | None = None, seed: int = 0, per_item: bool = False,
+        ranks: tuple[int, int | None] | None = None, picks: dict[str, list[int]] | None = None,
     ) -> EvalResult:
         """Score `model` (evaluated as it is now) on every task of split role `split` (`per_item`:
-        keep each item's score too, in `EvalResult.items`)."""
+        keep each item's score too, in `EvalResult.items`). `ranks` or `picks` score only some items
+        of the limit subset (`chosen_positions`); `EvalResult.positions` then says which."""
         from lm_eval import evaluator as lm_evaluator
 
         t0 = time.perf_counter()
         view = self.view(split)
         lm = self._wrap(model)
         samples = {}
+        positions: dict[str, list[int]] = {}
         for name, leaf in view.leaves.items():
             idx = leaf.carving.indices[split]
             pick = subset(len(idx), limit, seed, name)
-            samples[name] = [idx[i] for i in pick] if pick is not None else list(idx)
+            pool = [idx[i] for i in pick] if pick is not None else sorted(idx)
+            chosen = chosen_positions(len(pool), name, seed, ranks, picks)
+            if chosen is not None:
+                positions[name] = chosen  # pool is sorted, so the scored documents keep this order
+                pool = [pool[j] for j in chosen]
+            samples[name] = pool
             if self.protocol.num_fewshot:
                 leaf.task.set_fewshot_seed(seed=1234)  # the same examples for every model, every call
+        if not all(samples.values()):  # nothing picked for a task: lm-eval would score all of it
+            empty = next(n for n, v in samples.items() if not v)
+            raise ConfigError(f"no items of task {empty!r} to score", where="evaluate",
+                              fix="pick at least one item per task")
         p = self.protocol
         # lm-eval draws one progress bar per task per call while building requests; a search would
         # print thousands. Unless `progress`, stderr is captured and replayed only if evaluation fails.
@@ -436,7 +476,8 @@ class LMEvalEvaluator:
             if per_item else None
         return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items,
                           prompts=_prompts(out["samples"]) if per_item else None,
-                          truncated=self._truncation(out["samples"], view) if per_item else None)
+                          truncated=self._truncation(out["samples"], view) if per_item else None,
+                          positions=positions if per_item and positions else None)
 
     def _truncation(self, logged: dict[str, list[dict]], view: _View) -> dict[str, float]:
         """Per generation task, the share of generations that reached the token limit (max_gen_toks):

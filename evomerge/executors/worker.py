@@ -14,6 +14,7 @@ Contract (ARCHITECTURE.md, keep stable):
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -75,6 +76,9 @@ class TrialJob:
     tag: str = ""  # free text the caller uses to route outcomes (e.g. "search", "select", "report:x")
     per_item: bool = False  # also return every item's score (the report's paired statistics)
     reference: tuple[str, ...] = ()  # split "membership": texts the model cannot have seen (the audit's reference)
+    # only some items of the limit subset (search/fitness.py): a fidelity rung's ranks, or anchor picks
+    ranks: tuple[int, int | None] | None = None
+    picks: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class TrialOutcome:
     samples: dict[str, int] | None = None
     items: dict[str, dict[str, list[float]]] | None = None  # per task and metric, each item (per_item jobs)
     truncated: dict[str, float] | None = None  # per generation task, the share that hit the length limit
+    positions: dict[str, list[int]] | None = None  # per task, the limit-subset position of each item (ranks/picks)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +145,7 @@ class Worker:
         self.moe_model = None  # the resident MoE (method: moe), rebuilt when a candidate's structure changes
         self._moe_key = None
         self._gates = None
+        self._merged: tuple[dict, Any] | None = None  # the recipe the resident model holds now, and that model
 
     # -- heavy state ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -192,18 +198,25 @@ class Worker:
 
     def merge(self, recipe_dict: dict) -> Any:
         """Write the recipe's merged tensors into the resident model (no disk); returns the model to
-        score: the resident dense model, or for an MoE config the resident MoE."""
+        score: the resident dense model, or for an MoE config the resident MoE. The same recipe as the
+        last one is not merged again (the model holds it already)."""
         from evomerge.moe.config import is_moe_config
 
+        if self._merged is not None and self._merged[0] == recipe_dict:  # e.g. the next fidelity rung
+            return self._merged[1]
+        self._merged = None  # a failed merge leaves the resident weights half-written
         if is_moe_config(recipe_dict):
-            return self._build_moe(recipe_dict)
-        from evomerge.engine.merge import merge_into
-        from evomerge.engine.recipe import MergeRecipe
-        from evomerge.engine.sinks import ModelSink
+            model = self._build_moe(recipe_dict)
+        else:
+            from evomerge.engine.merge import merge_into
+            from evomerge.engine.recipe import MergeRecipe
+            from evomerge.engine.sinks import ModelSink
 
-        recipe = MergeRecipe.model_validate(recipe_dict)
-        merge_into(ModelSink(self.model), recipe, self.sources)
-        return self.model
+            recipe = MergeRecipe.model_validate(recipe_dict)
+            merge_into(ModelSink(self.model), recipe, self.sources)
+            model = self.model
+        self._merged = (copy.deepcopy(recipe_dict), model)
+        return model
 
     def _build_moe(self, config_dict: dict) -> Any:
         """Build the MoE in memory: a resident transformers MoE model of the candidate's structure
@@ -244,7 +257,7 @@ class Worker:
         t_start = time.perf_counter()
         metrics = None
         samples = None
-        items = truncated = None
+        items = truncated = positions = None
         error = None
         stage = "setup"
         try:
@@ -262,10 +275,15 @@ class Worker:
                 metrics = self._membership(model, job.reference)
             else:
                 per_item = job.per_item and _accepts(self.evaluator.evaluate, "per_item")  # plug-ins may not
+                some = {k: v for k, v in (("ranks", job.ranks), ("picks", job.picks)) if v is not None}
+                if some and not _accepts(self.evaluator.evaluate, next(iter(some))):
+                    raise ValueError(f"this evaluator cannot score a subset of items ({next(iter(some))}=): "
+                                     "use search.fitness: full")
                 result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed,
-                                                 **({"per_item": True} if per_item else {}))
+                                                 **({"per_item": True} if per_item else {}), **some)
                 items = getattr(result, "items", None) if per_item else None
                 truncated = getattr(result, "truncated", None) if per_item else None
+                positions = getattr(result, "positions", None) if per_item else None
                 metrics = _finite_metrics(result.metrics)
                 samples = dict(getattr(result, "samples", {}) or {})
             timings["eval"] = time.perf_counter() - t0
@@ -295,4 +313,5 @@ class Worker:
             samples=samples,
             items=items if metrics is not None else None,
             truncated=truncated if metrics is not None else None,
+            positions=positions if metrics is not None else None,
         )

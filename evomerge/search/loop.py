@@ -4,8 +4,9 @@ Why it exists: this is `evomerge search`. It owns the order of events of a run a
 - asynchronous ask/tell over an `Executor` (as many trials in flight as it has slots);
 - a failed trial (the worker's error, a missing or NaN metric, a recipe the engine refuses) becomes a
   FAIL trial with its reason in the `fail_reason` user attribute, and the search goes on;
-- multi-fidelity: with `search.fidelity`, a trial is first scored on a seeded subset, the value is
-  reported as an intermediate value and the pruner may stop it there;
+- the fitness (`search/fitness.py`): every item of the limit, item-count rungs whose values are
+  reported as intermediate values so that the pruner may stop a trial after any rung but the last, or
+  an estimate from anchor items chosen before the first trial;
 - the budget counts finished trials in storage, so running the same command again resumes it;
 - selection: the top-k candidates (and the baselines) are re-scored on the `select` split and the
   winner is chosen there; the winner, the parents and the baselines are scored once on the `report`
@@ -141,7 +142,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     """Run trials until the budget (finished trials in storage) is reached. Returns counters."""
     from optuna.trial import TrialState
 
-    from evomerge.search.score import ScoreError, score
+    from evomerge.search.score import ScoreError
     from evomerge.search.study import FAIL_REASON, INTERRUPTED, finished_count, grid_size
     from evomerge.search.suggest import build_recipe, suggest_params
 
@@ -150,7 +151,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
     target = budget.trials
     if study.user_attrs.get("sampler") == "grid":
         target = min(target, grid_size(space))
-    low = budget.fidelity.limit if budget.fidelity else None
+    fit = _Fitness(space, study, executor, log)
     done = finished_count(study)
     bar = _Progress(progress, target, min(done, target))
     live: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -197,8 +198,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                     continue
                 live[trial.number] = trial
                 recipes[trial.number] = recipe.to_dict()
-                executor.submit(TrialJob(trial.number, recipes[trial.number], split, low or budget.limit,
-                                         budget.seed, tag="low" if low else "full"))
+                executor.submit(fit.job(trial.number, recipes[trial.number], 0))
             if not live:
                 if done < target and executor.slots < 1:
                     raise EvomergeError("no worker is left to run trials (all were retired after failures)",
@@ -209,7 +209,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                 if trial is None:  # not ours (cannot happen with our executors); ignore
                     continue
                 finished, value = _handle(study, space, trial, recipes[outcome.number], outcome, fail, stats,
-                                          executor, score, ScoreError)
+                                          executor, fit, ScoreError)
                 if finished and value is not None:
                     scored.setdefault(trial.user_attrs.get(RECIPE_KEY), {
                         "number": trial.number, "values": list(value) if isinstance(value, tuple) else [value],
@@ -217,6 +217,7 @@ def optimize(study, space: SearchSpace, executor, *, progress: bool = True, log:
                 if finished:
                     del live[outcome.number]
                     del recipes[outcome.number]
+                    fit.forget(outcome.number)
                     done += 1
                     progressed(value)
                 broken = stats["failed"] - stats["invalid"]
@@ -278,43 +279,127 @@ def _scored_recipes(study, space: SearchSpace) -> dict[str, dict]:
     return out
 
 
-def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stats, executor, score,
+class _Fitness:
+    """What a trial's jobs are and how their outcomes become its fitness (`search.fitness`)."""
+
+    def __init__(self, space: SearchSpace, study, executor, log: Callable):
+        from evomerge.search import fitness
+
+        self.space, self.mode = space, space.budget.fitness_mode
+        b = space.budget
+        self.rungs = fitness.rungs(b.fidelity.limit, b.fidelity.factor, b.limit) if self.mode == "fidelity" else None
+        self.plan = anchor_plan(study, space, executor, log) if self.mode == "anchors" else None
+        self.scores: dict[int, Any] = {}  # trial number -> fitness.ItemScores (fidelity, anchors)
+
+    def job(self, number: int, recipe: dict, rung: int) -> TrialJob:
+        b = self.space.budget
+        if self.mode == "full":
+            return TrialJob(number, recipe, "search", b.limit, b.seed, tag="full")
+        if self.mode == "fidelity":
+            return TrialJob(number, recipe, "search", b.limit, b.seed, tag=f"rung:{rung}", per_item=True,
+                            ranks=self.rungs[rung])
+        picks = {t: tuple(p["picks"]) for t, p in self.plan["tasks"].items()}
+        return TrialJob(number, recipe, "search", b.limit, b.seed, tag="anchors", per_item=True, picks=picks)
+
+    def metrics(self, number: int, outcome: TrialOutcome) -> dict:
+        """The metrics the trial is scored on after this outcome (raises ValueError without items)."""
+        from evomerge.search.fitness import ItemScores
+
+        if self.mode == "full":
+            return outcome.metrics
+        if not outcome.items:
+            raise ValueError("the evaluator returned no per-item scores")
+        acc = self.scores.setdefault(number, ItemScores())
+        acc.add(outcome.items, outcome.positions)
+        return acc.means() if self.mode == "fidelity" else acc.weighted(self.plan["tasks"])
+
+    def last(self, tag: str) -> bool:
+        return not tag.startswith("rung:") or int(tag.split(":")[1]) == len(self.rungs) - 1
+
+    def forget(self, number: int) -> None:
+        self.scores.pop(number, None)
+
+
+def anchor_plan(study, space: SearchSpace, executor, log: Callable) -> dict:
+    """The anchor items of this study (`fitness: anchors`): chosen on first use from the per-item
+    search-split scores of the references (parents, baseline recipes, naive merges) and stored in the
+    study, so that a resumed run scores the same items."""
+    from evomerge.search import fitness
+    from evomerge.search.score import leaf_names, metric_key
+    from evomerge.search.suggest import baseline_params, build_recipe, naive_recipes, parent_recipes
+
+    stored = study.user_attrs.get(fitness.ANCHORS_ATTR)
+    if stored is not None:
+        return stored
+    b = space.budget
+    refs = [(label, r.to_dict()) for label, r in parent_recipes(space)]
+    refs += [(label, build_recipe(space, params).to_dict()) for label, params in baseline_params(space)]
+    refs += [(label, r.to_dict()) for label, r in naive_recipes(space)[0]]
+    t0 = time.perf_counter()
+    jobs = [TrialJob(i, recipe, "search", b.limit, b.seed, tag="reference", per_item=True)
+            for i, (_, recipe) in enumerate(refs)]
+    references, items = {}, 0
+    for outcome in _each_outcome(executor, jobs):
+        label = refs[outcome.number][0]
+        if not outcome.ok or not outcome.items:
+            raise EvomergeError(f"the anchor reference {label} could not be scored: "
+                                f"{(outcome.error or 'no per-item scores').splitlines()[0]}",
+                                where="search.fitness: anchors", fix="check the models and tasks, or use fitness: full")
+        rows = {}
+        for t in space.objective.tasks:  # the objective metric of each task, by lm-eval task name
+            name = leaf_names(outcome.items, t.task, space.objective, "search")[0]
+            rows[name] = [float(v) for v in outcome.items[name][metric_key(outcome.items[name], t.metric)]]
+        references[label] = rows
+        items += sum((outcome.samples or {}).values())
+    plan = {"tasks": fitness.anchor_plan(references, b.anchor_items, b.seed), "references": [r[0] for r in refs],
+            "reference_items": items, "seconds": round(time.perf_counter() - t0, 3)}
+    study.set_user_attr(fitness.ANCHORS_ATTR, plan)
+    n = sum(len(p["picks"]) for p in plan["tasks"].values())
+    log(f"evomerge: fitness from {n} anchor items ({b.anchor_items} per task), chosen from {len(refs)} references "
+        f"scored on {items} items")
+    return plan
+
+
+def _handle(study, space, trial, recipe: dict, outcome: TrialOutcome, fail, stats, executor, fit: _Fitness,
             ScoreError) -> tuple[bool, Any]:
     """Tell Optuna about one outcome. Returns (finished, value told or None)."""
     from optuna.trial import TrialState
 
-    budget = space.budget
+    from evomerge.search.fitness import ITEMS_ATTR
+    from evomerge.search.score import score, task_values
+    from evomerge.search.study import ROLE
+
     split = "search"
     timings = dict(trial.user_attrs.get("timings") or {})
     for key, value in outcome.timings.items():  # summed over fidelity rungs
         timings[key] = round(timings.get(key, 0.0) + float(value), 4)
     timings["worker"] = f"{outcome.node}:{outcome.pid}"
     trial.set_user_attr("timings", timings)
+    trial.set_user_attr(ITEMS_ATTR, int(trial.user_attrs.get(ITEMS_ATTR, 0)) + sum((outcome.samples or {}).values()))
     if outcome.error is not None or outcome.metrics is None:
         fail(trial, outcome.error or "no metrics returned")
         return True, None
     try:
-        value = score(outcome.metrics, space.objective, split)
-    except ScoreError as exc:
+        metrics = fit.metrics(trial.number, outcome)
+        value = score(metrics, space.objective, split)
+    except (ScoreError, ValueError) as exc:
         fail(trial, f"score: {exc}")
         return True, None
     values = value if isinstance(value, tuple) else (value,)
     if not all(math.isfinite(v) for v in values):
         fail(trial, f"score: non-finite value {value}")
         return True, None
-    if outcome.tag == "low":
-        step = budget.fidelity.limit
-        trial.report(value, step)
-        trial.set_user_attr("low_fidelity_value", value)
-        if trial.should_prune():
+    if not fit.last(outcome.tag):
+        rung = int(outcome.tag.split(":")[1])
+        trial.report(value, fit.rungs[rung][1])
+        # a baseline is the reference the search must beat: always scored in full
+        if not str(trial.user_attrs.get(ROLE, "")).startswith("baseline") and trial.should_prune():
             study.tell(trial, state=TrialState.PRUNED)
             stats["pruned"] += 1
             return True, None
-        executor.submit(TrialJob(trial.number, recipe, split, budget.limit, budget.seed, tag="full"))
+        executor.submit(fit.job(trial.number, recipe, rung + 1))
         return False, None
-    from evomerge.search.score import task_values
-
-    trial.set_user_attr("tasks", task_values(outcome.metrics, space.objective, split))
+    trial.set_user_attr("tasks", task_values(metrics, space.objective, split))
     study.tell(trial, list(values) if len(values) > 1 else values[0])
     stats["completed"] += 1
     return True, value
@@ -743,6 +828,9 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
             _check_sizes(space, ev, src)
         if hasattr(ev, "higher_is_better"):
             _check_directions(space, ev.higher_is_better("search"), src)
+        from evomerge.search.fitness import check_tasks
+
+        check_tasks(ev, space.objective, space.budget.fitness_mode, src)
         if evidence and hasattr(ev, "audit_items"):
             audit["overlap"] = _overlap_audit(ev.audit_items(), allow_overlap, src)
         result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)

@@ -56,13 +56,9 @@ def task_items(items: dict[str, dict[str, list[float]]], objective: Objective,
                split: str | None = None) -> dict[str, list[float]]:
     """{task: per-item scores of its metric}, signed by direction (higher is better), for the paired
     statistics. A group task's leaves are concatenated. Raises ScoreError when a task has no items."""
-    if split and objective.splits.mode == "named" and split in objective.splits.names:
-        split = objective.splits.names[split]
     out = {}
     for t in objective.tasks:
-        names = [n for n in (t.task, f"{t.task}_{split}" if split else None) if n and n in items]
-        if not names:
-            names = sorted(k for k in items if k.startswith(f"{t.task}_"))
+        names = leaf_names(items, t.task, objective, split)
         values: list[float] = []
         for name in names:
             row = items[name]
@@ -73,6 +69,15 @@ def task_items(items: dict[str, dict[str, list[float]]], objective: Objective,
             raise ScoreError(f"no per-item {t.metric!r} scores for task {t.task!r}")
         out[t.task] = values
     return out
+
+
+def leaf_names(items: dict, task: str, objective: Objective, split: str | None = None) -> list[str]:
+    """The lm-eval task names in `items` that hold objective task `task` on `split`: `T`, `T_<split>`,
+    else every `T_*` (a group's leaves)."""
+    if split and objective.splits.mode == "named" and split in objective.splits.names:
+        split = objective.splits.names[split]
+    names = [n for n in (task, f"{task}_{split}" if split else None) if n and n in items]
+    return names or sorted(k for k in items if k.startswith(f"{task}_"))
 
 
 def weights(objective: Objective) -> dict[str, float]:

@@ -26,7 +26,9 @@ File layout (see search_spaces/ for complete examples):
       tasks_dir: toy                    # a folder of lm-eval task YAML (relative to this file) or `toy`
       tasks: [{task: toy_up, weight: 1, metric: exact_match, direction: maximize}]
       splits: {search: search, select: select, report: report}
-    search: {trials: 50, sampler: auto, pruner: none, seed: 0, limit: null, fidelity: null, top_k: 5}
+    search: {trials: 50, sampler: auto, pruner: none, seed: 0, limit: null, fitness: full, top_k: 5}
+    # fitness: full (every item of `limit`) | fidelity (+ fidelity: {limit: 8, factor: 2} and a pruner)
+    #          | anchors (+ anchors: {items: 8}); see search/fitness.py
 
 Parameter names: `<method>.<tunable>[.<model>][.<filter>][.<k>]`, e.g. `slerp.t.mlp.2`,
 `ties.density.add`, plus `method` when the method itself is searched. `<filter>` is one of the
@@ -120,9 +122,19 @@ class Objective(_Strict):
 
 
 class Fidelity(_Strict):
-    """Score a seeded subset of `limit` items first; the pruner may stop the trial there."""
+    """Item-count rungs (`fitness: fidelity`): `limit` items per task first, then `factor` times as many,
+    up to the search limit; each rung scores only its new items, and the pruner may stop the trial after
+    any rung but the last (whose value is the full-limit score)."""
 
     limit: int = Field(ge=1)
+    factor: int = Field(2, ge=2)
+
+
+class Anchors(_Strict):
+    """Anchor items (`fitness: anchors`): `items` per task, chosen once before the search from the
+    parents' and baselines' per-item results on the search split; a trial scores only those."""
+
+    items: int = Field(8, ge=1)
 
 
 class Budget(_Strict):
@@ -132,9 +144,22 @@ class Budget(_Strict):
     seed: int = 0
     limit: int | None = Field(None, ge=1)  # items of the search split per trial (seeded subset)
     fidelity: Fidelity | None = None
+    # how a trial's search fitness is measured: every item of the limit (full), item-count rungs with a
+    # pruner (fidelity), or an estimate from anchor items (anchors); see search/fitness.py
+    fitness: Literal["full", "fidelity", "anchors"] | None = None  # None: fidelity when `fidelity` is set
+    anchors: Anchors | None = None
     top_k: int = Field(5, ge=1)  # candidates re-scored on the select split
     baselines: bool = True
     grid_points: int = Field(5, ge=2)
+
+    @property
+    def fitness_mode(self) -> str:
+        """`fitness`, or when unset: fidelity if a `fidelity` section is given (as before the setting)."""
+        return self.fitness or ("fidelity" if self.fidelity is not None else "full")
+
+    @property
+    def anchor_items(self) -> int:
+        return (self.anchors or Anchors()).items
 
 
 @dataclass(frozen=True)
@@ -260,6 +285,8 @@ class SearchSpace(_Strict):
         data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol", "reference_items"})
         data["limit"] = self.budget.limit
         data["fidelity"] = self.budget.fidelity.limit if self.budget.fidelity else None
+        if self.budget.fitness_mode == "anchors":  # values are estimates from anchor items: another scale
+            data["anchors"] = self.budget.anchor_items
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -528,9 +555,36 @@ def _check_budget(space: SearchSpace, source: str = "space") -> None:
         if b.pruner != "none" or b.fidelity is not None:
             raise ConfigError("Optuna cannot prune multi-objective trials", where=f"{source}: search.pruner",
                               fix="set pruner: none and fidelity: null, or a single objective")
+    mode = b.fitness_mode
+    if mode == "fidelity" and b.fidelity is None:
+        first = max(1, (b.limit or 64) // 8)
+        raise ConfigError("fitness: fidelity needs its first rung", where=f"{source}: search.fidelity",
+                          fix=f"add search.fidelity: {{limit: {first}}} (items per task of the first rung; each "
+                              "next rung has `factor` (2) times as many, up to search.limit)")
+    if mode == "fidelity" and b.limit is None:
+        raise ConfigError("fitness: fidelity needs search.limit (the items per task of the last rung)",
+                          where=f"{source}: search.limit", fix="add search.limit: N (e.g. 64)")
+    if mode == "fidelity" and b.pruner == "none":
+        raise ConfigError("fitness: fidelity without a pruner scores every rung of every trial (the full cost)",
+                          where=f"{source}: search.pruner",
+                          fix="add search.pruner: successive_halving (or hyperband, median), or fitness: full")
+    if mode != "fidelity" and b.fidelity is not None:
+        raise ConfigError(f"search.fidelity is only used by fitness: fidelity (this space has fitness: {mode})",
+                          where=f"{source}: search.fidelity", fix="remove search.fidelity, or set fitness: fidelity")
+    if mode != "anchors" and b.anchors is not None:
+        raise ConfigError(f"search.anchors is only used by fitness: anchors (this space has fitness: {mode})",
+                          where=f"{source}: search.anchors", fix="remove search.anchors, or set fitness: anchors")
+    if mode == "anchors" and b.pruner != "none":
+        raise ConfigError("an anchor estimate has no intermediate score for a pruner to act on",
+                          where=f"{source}: search.pruner", fix="set pruner: none with fitness: anchors")
+    if mode == "anchors" and b.limit is not None and b.anchor_items > b.limit:
+        raise ConfigError(f"anchors.items {b.anchor_items} is more than search.limit {b.limit}",
+                          where=f"{source}: search.anchors.items",
+                          fix=f"use at most {b.limit} anchor items per task (fewer is the point)")
     if b.pruner != "none" and b.fidelity is None:
         raise ConfigError("a pruner needs an intermediate score to act on", where=f"{source}: search.pruner",
-                          fix="add search.fidelity: {limit: N} (score N items first), or pruner: none")
+                          fix="add fitness: fidelity and search.fidelity: {limit: N} (score N items first), "
+                              "or pruner: none")
     if b.fidelity is not None and b.limit is not None and b.fidelity.limit >= b.limit:
         raise ConfigError("fidelity.limit must be smaller than limit", where=f"{source}: search.fidelity.limit",
                           fix="use fewer items for the cheap first score")
@@ -818,7 +872,7 @@ def _validation_error(exc: ValidationError, source: str) -> ConfigError:
             "": _RawSpace.model_fields, "objective": _RawObjective.model_fields, "search": Budget.model_fields,
             "splits": _RawSplits.model_fields, "protocol": ScoringProtocol.model_fields,
             "carve": Carve.model_fields, "tasks": _RawTask.model_fields, "models": _RawModel.model_fields,
-            "fidelity": Fidelity.model_fields,
+            "fidelity": Fidelity.model_fields, "anchors": Anchors.model_fields,
         }
         section = next((str(p) for p in reversed(err["loc"][:-1]) if isinstance(p, str) and str(p) in known), "")
         if section == "objective" and "tasks" in [str(p) for p in err["loc"][:-1]]:

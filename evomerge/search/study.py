@@ -115,14 +115,17 @@ def grid_size(space: SearchSpace) -> int:
 
 
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
-    name = space.budget.pruner
+    """The pruner, its rungs those of `search.fidelity` (steps are items per task: first, first * factor, ...)."""
+    b = space.budget
+    name = b.pruner
     p = optuna.pruners
+    first, factor = (b.fidelity.limit, b.fidelity.factor) if b.fidelity else (1, 3)
     if name == "median":
         return p.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     if name == "hyperband":
-        return p.HyperbandPruner()
+        return p.HyperbandPruner(min_resource=first, max_resource=b.limit or "auto", reduction_factor=factor)
     if name == "successive_halving":
-        return p.SuccessiveHalvingPruner()
+        return p.SuccessiveHalvingPruner(min_resource=first, reduction_factor=factor)
     return p.NopPruner()
 
 
