@@ -113,6 +113,28 @@ def test_rungs_and_picks_score_exactly_the_full_limit_items(toy_worker):
         ev.evaluate(model, "search", limit=40, seed=3, picks={t: [40] for t in full.items})
 
 
+def test_worker_does_not_merge_the_recipe_it_holds_again(toy_worker, monkeypatch):
+    import torch
+
+    import evomerge.engine.merge as engine_merge
+    from evomerge.search.suggest import baseline_params, build_recipe, parent_recipes
+
+    space, w = toy_worker
+    a = build_recipe(space, baseline_params(space)[0][1]).to_dict()
+    b = parent_recipes(space)[1][1].to_dict()
+    calls = []
+    real = engine_merge.merge_into
+    monkeypatch.setattr(engine_merge, "merge_into", lambda *x, **k: (calls.append(1), real(*x, **k))[1])
+    w.merge(a)
+    held = {k: v.clone() for k, v in w.model.state_dict().items()}
+    w.merge(a)  # the next rung of the same trial: nothing to write
+    assert len(calls) == 1
+    w.merge(b)
+    w.merge(a)  # another recipe in between: merged again, to the same tensors
+    assert len(calls) == 3
+    assert all(torch.equal(held[k], v) for k, v in w.model.state_dict().items())
+
+
 # --- searches -----------------------------------------------------------------------------------
 SPACE = """
 name: fit
@@ -223,3 +245,48 @@ def test_a_group_task_is_refused_before_anything_is_written(tmp_path):
         run_search(load_space(p), tmp_path / "run", progress=False, log=lambda *_: None)
     assert "objective.tasks[0].task" in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def _carved_space(tmp_path, tasks: str, settings: str):
+    from localtasks import write_tasks
+
+    from evomerge.search.space import load_space
+
+    d = write_tasks(tmp_path / "tasks")
+    text = (d / "my_up.yaml").read_text()
+    (d / "my_up_median.yaml").write_text(text.replace("task: my_up", "task: my_up_median")
+                                         .replace("aggregation: mean", "aggregation: median"))
+    p = tmp_path / "space.yaml"
+    p.write_text("name: carved\nmodels: [toy:up, toy:rev]\nmethod: slerp\n"
+                 "parameters: {slerp: {t: {low: 0.0, high: 1.0}}}\n"
+                 f"objective:\n  tasks_dir: {d}\n  tasks: {tasks}\n"
+                 f"search: {{trials: 6, sampler: random, seed: 0, limit: 16, top_k: 2, {settings}}}\n")
+    return load_space(p)
+
+
+def test_a_metric_that_is_not_a_mean_is_refused(tmp_path):
+    from evomerge.search.loop import run_search
+
+    space = _carved_space(tmp_path, "[my_up_median]", "fitness: anchors, anchors: {items: 4}")
+    with pytest.raises(ConfigError, match="not aggregated as a mean") as err:
+        run_search(space, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert "objective.tasks[0].metric" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fidelity_on_carved_generation_and_multiple_choice_tasks(tmp_path):
+    from evomerge.search.loop import run_search
+
+    space = _carved_space(tmp_path, "[{task: my_up, metric: exact_match}, {task: mc_easy, metric: acc_norm}]",
+                          "fitness: fidelity, fidelity: {limit: 4}, pruner: median")
+    result = run_search(space, tmp_path / "run", progress=False, select=False, write=False, evidence=False,
+                        log=lambda *_: None)
+    done = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.user_attrs[ITEMS_ATTR] == 2 * 16 for t in done)
+    # the last rung's value is the full-limit value: score the first finished trial's recipe in full
+    from evomerge.executors.worker import Worker
+    from evomerge.search.loop import worker_spec
+
+    w = Worker(worker_spec(space))
+    w.setup()
+    assert done[0].value == _full_value(w, space, done[0].params)

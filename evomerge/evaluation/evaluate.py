@@ -378,6 +378,18 @@ class LMEvalEvaluator:
                 out[name] = {}
         return out
 
+    def mean_metrics(self, split: str = "search") -> dict[str, dict[str, bool] | None]:
+        """Per objective task name of `split`: None for a group, else for each metric whether lm-eval
+        aggregates it as a mean over items (what an estimate from some of the items needs)."""
+        from lm_eval.api.metrics import mean
+
+        view = self.view(split)
+        out: dict[str, dict[str, bool] | None] = {}
+        for name in view.names:
+            leaf = view.leaves.get(name)
+            out[name] = None if leaf is None else {k: v is mean for k, v in (leaf.task.aggregation() or {}).items()}
+        return out
+
     def audit_items(self) -> list:
         """Every item of every split role as `overlap.Item` (task leaf, role, document index, content)."""
         from evomerge.evaluation.overlap import Item

@@ -46,6 +46,20 @@ def rungs(first: int, factor: int, limit: int) -> list[tuple[int, int]]:
     return out
 
 
+def describe(budget, n_tasks: int) -> str:
+    """One line: how trials are scored and the items a trial spends at most."""
+    limit = f"{budget.limit}" if budget.limit else "every"
+    mode = budget.fitness_mode
+    if mode == "fidelity":
+        steps = rungs(budget.fidelity.limit, budget.fidelity.factor, budget.limit)
+        return (f"fidelity: rungs of {', '.join(str(e) for _, e in steps)} items per task ({n_tasks} tasks), "
+                f"pruner {budget.pruner}; a pruned trial stops after its rung")
+    if mode == "anchors":
+        return (f"anchors: {budget.anchor_items} items per task ({n_tasks} tasks) per trial, chosen before the "
+                f"first trial from the references scored on {limit} items per task")
+    return f"full: {limit} items per task ({n_tasks} tasks) per trial"
+
+
 @dataclass
 class ItemScores:
     """Per task and metric, the score of every item scored so far, by its position in the limit subset."""
@@ -151,26 +165,20 @@ def anchor_plan(references: dict[str, dict[str, list[float]]], k: int, seed: int
 def check_tasks(evaluator: Any, objective, mode: str, src: str) -> None:
     """An item estimate (fidelity, anchors) needs each objective task to be one lm-eval task (not a
     group) whose objective metric is a mean over items."""
-    if mode == "full" or not hasattr(evaluator, "view"):
-        if mode != "full" and not hasattr(evaluator, "view"):
-            raise ConfigError(f"fitness: {mode} needs lm-eval's evaluator (it picks items by position)",
-                              where=f"{src}: search.fitness", fix="use fitness: full with this evaluator")
+    if mode == "full":
         return
-    from lm_eval.api.metrics import mean
-
+    if not hasattr(evaluator, "mean_metrics"):
+        raise ConfigError(f"fitness: {mode} needs lm-eval's evaluator (it picks items by position)",
+                          where=f"{src}: search.fitness", fix="use fitness: full with this evaluator")
     from evomerge.search.score import metric_key
 
-    view = evaluator.view("search")
-    for i, (task, name) in enumerate(zip(objective.tasks, view.names)):
-        leaf = view.leaves.get(name)
-        if leaf is None:
+    for i, (task, (name, means)) in enumerate(zip(objective.tasks, evaluator.mean_metrics("search").items())):
+        if means is None:
             raise ConfigError(f"task {task.task!r} is a group: fitness: {mode} estimates one task's mean from "
                               "some of its items", where=f"{src}: objective.tasks[{i}].task",
                               fix="list the group's tasks in objective.tasks, or use fitness: full")
-        agg = leaf.task.aggregation() or {}
-        key = metric_key(agg, task.metric)
-        if key is not None and agg[key] is not mean:
-            raise ConfigError(f"metric {task.metric!r} of task {task.task!r} is aggregated by "
-                              f"{getattr(agg[key], '__name__', agg[key])!r}, not a mean over items",
+        key = metric_key(means, task.metric)
+        if key is not None and not means[key]:
+            raise ConfigError(f"metric {task.metric!r} of task {task.task!r} is not aggregated as a mean over items",
                               where=f"{src}: objective.tasks[{i}].metric",
                               fix="use fitness: full for this metric (an item subset cannot estimate it)")

@@ -868,6 +868,7 @@ def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_o
                    allow_public_benchmark: bool = False) -> str:
     """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
     sizes, protocol). Writes nothing."""
+    from evomerge.search.fitness import describe
     from evomerge.search.record import protocol_lines, splits_text
     from evomerge.search.space import load_space
 
@@ -878,7 +879,8 @@ def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_o
     lines = [f"ok: {path}",
              f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
              "  objective   " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g}" for t in obj.tasks),
-             f"  splits      {splits_text(space)}"]
+             f"  splits      {splits_text(space)}",
+             f"  fitness     {describe(space.budget, len(obj.tasks))}"]
     lines += [f"  {line}" for line in protocol_lines(record)]
     return "\n".join(lines)
 

@@ -132,7 +132,7 @@ def trials_csv(study, space) -> str:
     task_names = [t.task for t in space.objective.tasks]
     multi = space.objective.multi_objective
     value_cols = [f"value_{t}" for t in task_names] if multi else ["value"]
-    attr_cols = ["role", "fail_reason", "reused_from"]
+    attr_cols = ["role", "fail_reason", "reused_from", "items"]
     timing_cols = ["setup", "merge", "eval", "total", "worker"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -171,6 +171,7 @@ def report_md(result, storage: str, plots: list[str], ev: dict | None = None) ->
     out.append("- objective: " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g} ({t.direction})"
                                           for t in space.objective.tasks)
                + (" (multi-objective)" if space.objective.multi_objective else ""))
+    out.append("- fitness: " + fitness_text(study, space))
     out.append("- splits: " + splits_text(space) + (f"; search limit {space.budget.limit}" if space.budget.limit else "")
                + f"; select: top {space.budget.top_k} + baselines; report: winner, baselines, parents")
     out.append(f"- wall time this invocation: {result.seconds:.1f} s")
@@ -212,6 +213,31 @@ def report_md(result, storage: str, plots: list[str], ev: dict | None = None) ->
     out += ["## Explore the study", "", "```", DASHBOARD_HINT.format(storage=storage), "```", ""]
     out += ["Files: `best.yaml` (winner, mergekit YAML), `trials.csv` (every trial), `study.db` (Optuna storage)."]
     return "\n".join(out) + "\n"
+
+
+def fitness_text(study, space) -> str:
+    """How the search scored its trials, and the item evaluations it spent (against every trial on the
+    full limit)."""
+    from evomerge.search.fitness import ANCHORS_ATTR, ITEMS_ATTR
+
+    b = space.budget
+    mode = b.fitness_mode
+    trials = [t for t in study.get_trials(deepcopy=False) if ITEMS_ATTR in t.user_attrs]
+    spent = sum(int(t.user_attrs[ITEMS_ATTR]) for t in trials)
+    plan = study.user_attrs.get(ANCHORS_ATTR) or {}
+    spent += int(plan.get("reference_items", 0))
+    per_trial = max((int(t.user_attrs[ITEMS_ATTR]) for t in trials), default=0)
+    if mode == "fidelity":
+        how = f"fidelity (rungs from {b.fidelity.limit} items per task, x{b.fidelity.factor}, pruner {b.pruner})"
+        full = max(per_trial, 1) * len(trials)
+    elif mode == "anchors":
+        n = sum(len(p["picks"]) for p in plan.get("tasks", {}).values())
+        how = (f"anchors ({n} anchor items, {b.anchor_items} per task, chosen from {len(plan.get('references', []))} "
+               f"references scored on {plan.get('reference_items', 0)} items)")
+        full = int(plan.get("reference_items", 0)) // max(len(plan.get("references", [])), 1) * len(trials)
+    else:
+        return f"full (every item of the search limit); {spent} item evaluations"
+    return f"{how}; {spent} item evaluations, against {full} for every trial on the full limit"
 
 
 def summary(result) -> str:
