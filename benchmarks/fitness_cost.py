@@ -13,7 +13,7 @@ with each way of measuring fitness, over `--seeds` seeds and the same trial budg
   `random_3` the same with 3 items per task (21x fewer than (a), the stretch goal).
 For each it reports the item evaluations of the search phase (the anchors' reference scoring included),
 the search wall time, the winner's report-split score (after the usual select stage on the select
-split), and the Spearman rank correlation between each trial's fitness and its full-limit fitness (every
+split; its difference from (a)'s, paired by seed, with a 95% t-interval), and the Spearman rank correlation between each trial's fitness and its full-limit fitness (every
 finished trial, pruned ones at their last rung, re-scored here on the full limit).
 
 Part `overhead`: for the space's search split (its `limit` items per task, the seeded subset a trial
@@ -264,6 +264,12 @@ def strategies(space_path: Path, seeds: int, trials: int, only: list[str]) -> di
             s["fewer_items_than_full"] = round(statistics.mean(r["items"] for r in base) / s["items_mean"], 2)
             s["report_minus_full_points"] = round(100 * (s["winner_report_mean"] - statistics.mean(
                 r["winner_report"] for r in base)), 2)
+            if name != "full" and len(rs) > 1:  # paired by seed: a 95% t-interval of the mean difference
+                from scipy import stats
+
+                diff = [100 * (r["winner_report"] - b["winner_report"]) for r, b in zip(rs, base)]
+                lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=statistics.mean(diff), scale=stats.sem(diff))
+                s["report_minus_full_ci95"] = [round(float(lo), 2), round(float(hi), 2)]
             # the target: at least 5x fewer items, the winner's mean report score at most 1 point below (a)'s
             s["target_met"] = bool(s["fewer_items_than_full"] >= 5 and s["report_minus_full_points"] >= -1.0)
         summary[name] = s
