@@ -8,6 +8,8 @@ Part `strategies`: the search of `--space` (default: the toy family's four-exper
 with each way of measuring fitness, over `--seeds` seeds and the same trial budget, in one run:
 - (a) `full`: every item of the search limit (64 per task), as before;
 - (b) `fidelity`: item-count rungs 8, 16, 32, 64 with successive halving (`fitness: fidelity`);
+  `fidelity_hyperband` the same rungs with Hyperband; `fidelity_x4` rungs 4, 16, 64 with successive
+  halving keeping a quarter;
 - (c) `anchors`: 8 anchor items per task chosen from the references' per-item results (`fitness: anchors`);
 - (d) `random`: the control for (c): a seeded random 8 items per task (`limit: 8`), no choosing;
   `random_3` the same with 3 items per task (21x fewer than (a), the stretch goal).
@@ -15,6 +17,10 @@ For each it reports the item evaluations of the search phase (the anchors' refer
 the search wall time, the winner's report-split score (after the usual select stage on the select
 split; its difference from (a)'s, paired by seed, with a 95% t-interval), and the Spearman rank correlation between each trial's fitness and its full-limit fitness (every
 finished trial, pruned ones at their last rung, re-scored here on the full limit).
+
+Part `estimators`: offline, on the fixed trials of one `full` search (seed 0), the anchor estimate and a
+random subset of the same size drawn 30 times each: Spearman with the full-limit fitness, and the regret
+of the top 5 by the estimate (without the search reacting to the estimate).
 
 Part `overhead`: for the space's search split (its `limit` items per task, the seeded subset a trial
 scores), the median of `--repeats` timings of
@@ -42,6 +48,8 @@ TOY_SPACE = ROOT / "search_spaces" / "toy_task_arithmetic.yaml"
 STRATEGIES = {  # name -> the search: settings it adds to the space's
     "full": {},
     "fidelity": {"fitness": "fidelity", "fidelity": {"limit": 8, "factor": 2}, "pruner": "successive_halving"},
+    "fidelity_hyperband": {"fitness": "fidelity", "fidelity": {"limit": 8, "factor": 2}, "pruner": "hyperband"},
+    "fidelity_x4": {"fitness": "fidelity", "fidelity": {"limit": 4, "factor": 4}, "pruner": "successive_halving"},
     "anchors": {"fitness": "anchors", "anchors": {"items": 8}},
     "random": {"limit": 8},
     "random_3": {"limit": 3},  # the stretch goal: 3 items per task, 21x fewer
@@ -277,12 +285,74 @@ def strategies(space_path: Path, seeds: int, trials: int, only: list[str]) -> di
             "summary": summary, "runs": rows}
 
 
+def estimators(space_path: Path, trials: int, k: int = 8, draws: int = 30) -> dict:
+    """Offline, on a fixed set of trials (those of one `full` search, seed 0): how well the anchor
+    estimate and a random subset of the same size rank them, without the search reacting to either.
+    Every trial and reference is scored item by item on the full limit once; each estimator is then
+    drawn `draws` times. Reports the Spearman correlation with the full-limit fitness and the regret of
+    the top 5 by the estimate (full-limit best minus the best of those 5, in points on the search split)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from evomerge.executors.worker import TrialJob, Worker
+    from evomerge.search.fitness import anchor_plan
+    from evomerge.search.loop import run_search, worker_spec
+    from evomerge.search.score import leaf_names, metric_key
+    from evomerge.search.space import load_space
+    from evomerge.search.suggest import baseline_params, build_recipe, naive_recipes, parent_recipes
+
+    with tempfile.TemporaryDirectory(prefix="evomerge-estimators-") as tmp:
+        space = load_space(_variant(space_path, {}, 0, trials, Path(tmp)))
+        study = run_search(space, Path(tmp) / "run", progress=False, select=False, write=False, evidence=False,
+                           log=lambda *_: None).study
+    worker = Worker(worker_spec(space))
+    worker.setup()
+
+    def items(recipe: dict) -> dict[str, list[float]]:
+        out = worker.run(TrialJob(0, recipe, "search", space.budget.limit, space.budget.seed, per_item=True))
+        rows = {}
+        for t in space.objective.tasks:
+            name = leaf_names(out.items, t.task, space.objective, "search")[0]
+            rows[name] = out.items[name][metric_key(out.items[name], t.metric)]
+        return rows
+
+    refs = [r.to_dict() for _, r in parent_recipes(space)]
+    refs += [build_recipe(space, p).to_dict() for _, p in baseline_params(space)]
+    refs += [r.to_dict() for _, r in naive_recipes(space)[0]]
+    references = {str(i): items(r) for i, r in enumerate(refs)}
+    scored = [items(build_recipe(space, t.params).to_dict()) for t in study.trials]
+    tasks = sorted(scored[0])
+    full = np.array([np.mean([np.mean(t[name]) for name in tasks]) for t in scored])
+
+    def estimate(plan, t):
+        return np.mean([sum(w * t[n][j] for j, w in zip(plan[n]["picks"], plan[n]["weights"])) for n in tasks])
+
+    def judge(make) -> dict:
+        rho, regret = [], []
+        for d in range(draws):
+            plan = make(d)
+            e = np.array([estimate(plan, t) for t in scored])
+            rho.append(spearmanr(e, full).statistic)
+            regret.append(100 * (full.max() - full[np.argsort(-e)[:5]].max()))
+        return {"spearman": round(float(np.mean(rho)), 3), "top5_regret_points": round(float(np.mean(regret)), 2)}
+
+    n = len(scored[0][tasks[0]])
+
+    def random_plan(d):
+        rng = np.random.default_rng(1000 + d)
+        return {name: {"picks": sorted(rng.choice(n, k, replace=False).tolist()), "weights": [1 / k] * k}
+                for name in tasks}
+
+    return {"trials": len(scored), "references": len(refs), "items_per_task": k, "draws": draws,
+            "anchors": judge(lambda d: anchor_plan(references, k, d)), "random": judge(random_plan)}
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--space", default=str(TOY_SPACE))
-    ap.add_argument("--part", choices=("all", "overhead", "strategies"), default="all")
+    ap.add_argument("--part", choices=("all", "overhead", "strategies", "estimators"), default="all")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=60)
@@ -295,6 +365,8 @@ def main() -> int:
             out["overhead_multiple_choice"] = overhead_mc(args.repeats)
     if args.part in ("all", "strategies"):
         out["strategies"] = strategies(Path(args.space).resolve(), args.seeds, args.trials, args.only.split(","))
+    if args.part in ("all", "estimators"):
+        out["estimators"] = estimators(Path(args.space).resolve(), args.trials)
     print(json.dumps(out, indent=1))
     return 0
 
