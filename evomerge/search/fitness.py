@@ -14,10 +14,14 @@ that the first items already show to be weak, or on items that say the same abou
   Before the first trial, reference models (the parents, the baseline recipes and the naive merges)
   are scored item by item on the search split; per task, the items are grouped by how the references
   answered them (one group per answer pattern, or k-means over the patterns when there are more than
-  anchors), one or more anchor items are drawn per group, and each anchor weighs the share of items
-  its group holds. A trial then scores only the anchors; its fitness is the weighted mean. The anchors
+  anchors), the anchors are shared out over the groups in proportion to their size and drawn at random
+  within each, and each anchor weighs its group's share of the items. A trial then scores only the anchors; its fitness is the weighted mean. The anchors
   are stored in the study, so a resumed run scores the same ones. (MERGE3 also fits an IRT model to
   predict the other items; that step is not implemented.)
+
+What each is worth is measured, not assumed: `benchmarks/fitness_cost.py` (table in benchmarks/README.md).
+On the toy family, a random subset of the anchors' size found winners as good as `full` at 8x fewer
+items, while `anchors` lost points and `fidelity` saved less than 2.5x; `full` stays the default.
 
 Both estimates average per-item scores, so they need a task whose metric is a mean over its items
 (accuracy, exact match): `check_tasks` refuses groups and other aggregations before the first trial.
@@ -30,8 +34,9 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 
-MODES = ("full", "fidelity", "anchors")
-ANCHORS_ATTR = "anchors"  # study user attr: {task: {"picks": [...], "weights": [...]}, "references": [...], ...}
+# study user attr: {"tasks": {task: {"picks": [...], "weights": [...]}}, "references": [labels],
+#                   "reference_items": n, "seconds": s}
+ANCHORS_ATTR = "anchors"
 ITEMS_ATTR = "items"  # trial user attr: item evaluations spent on the trial (summed over its rungs)
 
 
