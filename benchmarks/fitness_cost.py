@@ -56,6 +56,16 @@ STRATEGIES = {  # name -> the search: settings it adds to the space's
 }
 
 
+def _median_seconds(repeats: int, fn) -> float:
+    """Median wall time of `repeats` calls of `fn`."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def overhead(space_path: str, repeats: int) -> dict:
     import torch
 
@@ -73,15 +83,7 @@ def overhead(space_path: str, repeats: int) -> dict:
     gen_tokens = max(int((leaf.task.config.generation_kwargs or {}).get("max_gen_toks") or 256)
                      for leaf in ev.view("search").leaves.values())
 
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    t_eval = timed(lambda: ev.evaluate(model, "search", limit=limit, seed=seed))
+    t_eval = _median_seconds(repeats, lambda: ev.evaluate(model, "search", limit=limit, seed=seed))
     tok = ev.tokenizer
     tok.padding_side = "left"
     if tok.pad_token_id is None:
@@ -94,7 +96,7 @@ def overhead(space_path: str, repeats: int) -> dict:
                 enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
                 model.generate(**enc, max_new_tokens=gen_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
-    t_gen = timed(plain)
+    t_gen = _median_seconds(repeats, plain)
     ratio = t_eval / t_gen
     return {"space": space.name, "items": len(prompts), "batch": batch, "max_new_tokens": gen_tokens,
             "evaluate_s": round(t_eval, 3), "plain_generate_s": round(t_gen, 3),
@@ -151,15 +153,7 @@ def overhead_mc(repeats: int, items: int = 256) -> dict:
         ev = LMEvalEvaluator(tok, ["toy_mc"], tmp, batch_size=64, splits=SplitSpec(mode="whole"))
         ev.evaluate(model, "search")  # warm-up (builds the task)
 
-        def timed(fn) -> float:
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return statistics.median(times)
-
-        t_eval = timed(lambda: ev.evaluate(model, "search"))
+        t_eval = _median_seconds(repeats, lambda: ev.evaluate(model, "search"))
     pairs = [(d["prompt"], c) for d in docs for c in d["choices"]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -176,7 +170,7 @@ def overhead_mc(repeats: int, items: int = 256) -> dict:
                     pos = torch.arange(len(a) - 1, len(a) + len(b) - 1)
                     logp[k, pos, torch.tensor(b)].sum()
 
-    t_plain = timed(plain)
+    t_plain = _median_seconds(repeats, plain)
     return {"task": "toy_mc (4 choices, from toy up items)", "items": len(docs), "requests": len(pairs),
             "evaluate_s": round(t_eval, 3), "plain_loglikelihood_s": round(t_plain, 3),
             "ratio_evaluate_over_loglikelihood": round(t_eval / t_plain, 2)}
@@ -297,9 +291,9 @@ def estimators(space_path: Path, trials: int, k: int = 8, draws: int = 30) -> di
     from evomerge.executors.worker import TrialJob, Worker
     from evomerge.search.fitness import anchor_plan
     from evomerge.search.loop import run_search, worker_spec
-    from evomerge.search.score import leaf_names, metric_key
+    from evomerge.search.score import objective_rows
     from evomerge.search.space import load_space
-    from evomerge.search.suggest import baseline_params, build_recipe, naive_recipes, parent_recipes
+    from evomerge.search.suggest import build_recipe, reference_recipes
 
     with tempfile.TemporaryDirectory(prefix="evomerge-estimators-") as tmp:
         space = load_space(_variant(space_path, {}, 0, trials, Path(tmp)))
@@ -310,16 +304,10 @@ def estimators(space_path: Path, trials: int, k: int = 8, draws: int = 30) -> di
 
     def items(recipe: dict) -> dict[str, list[float]]:
         out = worker.run(TrialJob(0, recipe, "search", space.budget.limit, space.budget.seed, per_item=True))
-        rows = {}
-        for t in space.objective.tasks:
-            name = leaf_names(out.items, t.task, space.objective, "search")[0]
-            rows[name] = out.items[name][metric_key(out.items[name], t.metric)]
-        return rows
+        return objective_rows(out.items, space.objective, "search")
 
-    refs = [r.to_dict() for _, r in parent_recipes(space)]
-    refs += [build_recipe(space, p).to_dict() for _, p in baseline_params(space)]
-    refs += [r.to_dict() for _, r in naive_recipes(space)[0]]
-    references = {str(i): items(r) for i, r in enumerate(refs)}
+    refs = reference_recipes(space)
+    references = {label: items(r) for label, r in refs}
     scored = [items(build_recipe(space, t.params).to_dict()) for t in study.trials]
     tasks = sorted(scored[0])
     full = np.array([np.mean([np.mean(t[name]) for name in tasks]) for t in scored])

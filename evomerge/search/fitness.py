@@ -80,10 +80,6 @@ class ItemScores:
                 for k, v in enumerate(values):
                     row[where[k] if where is not None else k] = float(v)
 
-    def count(self) -> int:
-        """Items scored (per task the largest metric's count, summed over tasks)."""
-        return sum(max((len(r) for r in metrics.values()), default=0) for metrics in self.rows.values())
-
     def means(self) -> dict[str, dict[str, float]]:
         """{task: {metric: mean over the items scored}}: what lm-eval reports for those items."""
         return {t: {m: sum(r[j] for j in sorted(r)) / len(r) for m, r in ms.items() if r} for t, ms in self.rows.items()}

@@ -325,16 +325,14 @@ def anchor_plan(study, space: SearchSpace, executor, log: Callable) -> dict:
     search-split scores of the references (parents, baseline recipes, naive merges) and stored in the
     study, so that a resumed run scores the same items."""
     from evomerge.search import fitness
-    from evomerge.search.score import leaf_names, metric_key
-    from evomerge.search.suggest import baseline_params, build_recipe, naive_recipes, parent_recipes
+    from evomerge.search.score import objective_rows
+    from evomerge.search.suggest import reference_recipes
 
     stored = study.user_attrs.get(fitness.ANCHORS_ATTR)
     if stored is not None:
         return stored
     b = space.budget
-    refs = [(label, r.to_dict()) for label, r in parent_recipes(space)]
-    refs += [(label, build_recipe(space, params).to_dict()) for label, params in baseline_params(space)]
-    refs += [(label, r.to_dict()) for label, r in naive_recipes(space)[0]]
+    refs = reference_recipes(space)
     t0 = time.perf_counter()
     jobs = [TrialJob(i, recipe, "search", b.limit, b.seed, tag="reference", per_item=True)
             for i, (_, recipe) in enumerate(refs)]
@@ -345,11 +343,7 @@ def anchor_plan(study, space: SearchSpace, executor, log: Callable) -> dict:
             raise EvomergeError(f"the anchor reference {label} could not be scored: "
                                 f"{(outcome.error or 'no per-item scores').splitlines()[0]}",
                                 where="search.fitness: anchors", fix="check the models and tasks, or use fitness: full")
-        rows = {}
-        for t in space.objective.tasks:  # the objective metric of each task, by lm-eval task name
-            name = leaf_names(outcome.items, t.task, space.objective, "search")[0]
-            rows[name] = [float(v) for v in outcome.items[name][metric_key(outcome.items[name], t.metric)]]
-        references[label] = rows
+        references[label] = objective_rows(outcome.items, space.objective, "search")
         items += sum((outcome.samples or {}).values())
     plan = {"tasks": fitness.anchor_plan(references, b.anchor_items, b.seed), "references": [r[0] for r in refs],
             "reference_items": items, "seconds": round(time.perf_counter() - t0, 3)}

@@ -71,6 +71,17 @@ def task_items(items: dict[str, dict[str, list[float]]], objective: Objective,
     return out
 
 
+def objective_rows(items: dict[str, dict[str, list[float]]], objective: Objective,
+                   split: str | None = None) -> dict[str, list[float]]:
+    """{lm-eval task name: per-item scores of the objective metric}, one task per objective task (its
+    first leaf), unsigned: the item matrix the anchor choice reads."""
+    out = {}
+    for t in objective.tasks:
+        name = leaf_names(items, t.task, objective, split)[0]
+        out[name] = [float(v) for v in items[name][metric_key(items[name], t.metric)]]
+    return out
+
+
 def leaf_names(items: dict, task: str, objective: Objective, split: str | None = None) -> list[str]:
     """The lm-eval task names in `items` that hold objective task `task` on `split`: `T`, `T_<split>`,
     else every `T_*` (a group's leaves)."""

@@ -215,3 +215,12 @@ def naive_recipes(space: SearchSpace) -> tuple[list[tuple[str, Any]], list[tuple
                  "models": [{"model": m.path, "parameters": {"weight": 1.0}} for m in models],
                  "parameters": {"lambda": lam}, **dtypes})))
     return fixed, grid
+
+
+def reference_recipes(space: SearchSpace) -> list[tuple[str, dict]]:
+    """(label, recipe dict) of the models `fitness: anchors` learns its anchor items from: the parents,
+    the baseline recipe of each method, and the fixed naive merges."""
+    refs = [(label, r.to_dict()) for label, r in parent_recipes(space)]
+    refs += [(label, build_recipe(space, params).to_dict()) for label, params in baseline_params(space)]
+    refs += [(label, r.to_dict()) for label, r in naive_recipes(space)[0]]
+    return refs
