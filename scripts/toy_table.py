@@ -183,7 +183,7 @@ class Bench:
                 v.copy_(src[k])
 
     def merge(self, recipe: dict) -> None:
-        from evomerge.engine.merge import merge_into
+        from evomerge.engine.execution import merge_into
         from evomerge.engine.recipe import MergeRecipe
         from evomerge.engine.sinks import ModelSink
 

@@ -183,7 +183,8 @@ def test_console_script_exit_code_and_light_help(fam, tmp_path):
     res = subprocess.run([str(exe), "merge", str(p), str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "did you mean 'ties'" in res.stderr
     code = ("import sys; from evomerge import cli; cli.build_parser().format_help(); "
-            "import evomerge.engine.recipe, evomerge.engine.merge, evomerge.engine.sinks, evomerge.engine.checkpoints, evomerge.engine.modelcard; "
+            "import evomerge.engine.recipe, evomerge.engine.merge, evomerge.engine.plan, evomerge.engine.execution, "
+            "evomerge.engine.sinks, evomerge.engine.checkpoints, evomerge.engine.modelcard; "
             "bad = [m for m in ('torch', 'transformers', 'safetensors', 'lm_eval', 'ray') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

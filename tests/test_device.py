@@ -35,7 +35,7 @@ def _space(tmp_path: Path) -> Path:
 def test_resolve_device():
     import torch
 
-    from evomerge.engine.merge import resolve_device
+    from evomerge.engine.execution import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

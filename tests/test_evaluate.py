@@ -11,7 +11,8 @@ import pytest
 
 from evomerge.toy import family as toy
 from evomerge.errors import ConfigError
-from evomerge.evaluation.evaluate import EvalResult, LMEvalEvaluator, subset
+from evomerge.evaluation.evaluate import EvalResult, LMEvalEvaluator
+from evomerge.evaluation.subsets import subset
 
 
 # One torch thread for these modules (see conftest.one_torch_thread).

@@ -116,15 +116,15 @@ def test_rungs_and_picks_score_exactly_the_full_limit_items(toy_worker):
 def test_worker_does_not_merge_the_recipe_it_holds_again(toy_worker, monkeypatch):
     import torch
 
-    import evomerge.engine.merge as engine_merge
+    import evomerge.engine.execution as engine_execution
     from evomerge.search.suggest import baseline_params, build_recipe, parent_recipes
 
     space, w = toy_worker
     a = build_recipe(space, baseline_params(space)[0][1]).to_dict()
     b = parent_recipes(space)[1][1].to_dict()
     calls = []
-    real = engine_merge.merge_into
-    monkeypatch.setattr(engine_merge, "merge_into", lambda *x, **k: (calls.append(1), real(*x, **k))[1])
+    real = engine_execution.merge_into
+    monkeypatch.setattr(engine_execution, "merge_into", lambda *x, **k: (calls.append(1), real(*x, **k))[1])
     w.merge(a)
     held = {k: v.clone() for k, v in w.model.state_dict().items()}
     w.merge(a)  # the next rung of the same trial: nothing to write

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from evomerge.engine.checkpoints import Sources
 from evomerge.errors import ConfigError
-from evomerge.engine.merge import merge_into, merge_to_dir, plan, tensor_seed, validate_config
+from evomerge.engine.execution import merge_into
+from evomerge.engine.merge import merge_to_dir, validate_config
+from evomerge.engine.plan import plan, tensor_seed
 from evomerge.engine.recipe import MergeRecipe
 from evomerge.engine.sinks import ModelSink, ShardedSafetensorsSink
 
@@ -485,7 +487,7 @@ def test_merges_run_with_a_fixed_thread_count(tiny_llama, monkeypatch):
         merge_into(_DictSink(), recipe, sources)
         assert set(seen) == {3}
         seen.clear()
-        from evomerge.engine.merge import execute  # helper threads (workers=2) see the same setting
+        from evomerge.engine.execution import execute  # helper threads (workers=2) see the same setting
 
         execute(plan(recipe, sources), _DictSink(), sources, workers=2)
         assert set(seen) == {3}
@@ -495,7 +497,7 @@ def test_merges_run_with_a_fixed_thread_count(tiny_llama, monkeypatch):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
 def test_parallel_workers_give_identical_tensors(tiny_llama, method):
-    from evomerge.engine.merge import execute
+    from evomerge.engine.execution import execute
 
     fam = tiny_llama(dtype="bfloat16")
     recipe = recipe_for(METHODS[method], base=fam.base, e0=fam.experts[0], e1=fam.experts[1])

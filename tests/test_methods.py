@@ -13,7 +13,7 @@ import torch
 
 from evomerge.engine import methods
 from evomerge.errors import CheckpointError, ConfigError
-from evomerge.engine.methods.base import (
+from evomerge.engine.methods.arithmetic import (
     bernoulli_drop,
     magnitude_keep_mask,
     magnitude_trim,
@@ -767,7 +767,7 @@ def test_fast_selection_keeps_k_largest_lowest_index_first_on_ties(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_histogram_cut_equals_kthvalue(dtype):
-    from evomerge.engine.methods.base import _cut
+    from evomerge.engine.methods.arithmetic import _cut
 
     g = torch.Generator().manual_seed(9)
     delta = torch.randn(3000, generator=g).to(dtype) * 3
@@ -842,7 +842,7 @@ def test_breadcrumbs_ties_elects_signs_after_trimming():
 
 
 def test_della_keep_probability_rises_with_magnitude():
-    from evomerge.engine.methods.base import della_magprune
+    from evomerge.engine.methods.arithmetic import della_magprune
 
     delta = torch.randn(400, 2000, generator=torch.Generator().manual_seed(0))
     out = della_magprune(delta, 0.5, 0.2, False, torch.Generator().manual_seed(1))
@@ -865,7 +865,7 @@ def test_della_and_breadcrumbs_sparsifiers_match_mergekit(dtype):
     from mergekit.sparsify import della_magprune as mk_della
     from mergekit.sparsify import magnitude_outliers as mk_outliers
 
-    from evomerge.engine.methods.base import della_magprune, magnitude_outliers_trim
+    from evomerge.engine.methods.arithmetic import della_magprune, magnitude_outliers_trim
 
     for shape in ((64, 33), (50,)):
         delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)

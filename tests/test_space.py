@@ -172,7 +172,7 @@ def test_every_method_is_searchable_with_its_tunables(tmp_path):
     """The shipped 15-method choice loads; every baseline becomes a recipe that passes the engine's
     checks; DELLA's epsilon and Breadcrumbs' gamma are search dimensions; nuslerp (optional base) and
     nearswap (base + 1) build with the space's base."""
-    from evomerge.engine.merge import check_recipe
+    from evomerge.engine.plan import check_recipe
     from evomerge.engine.recipe import MergeRecipe
     from evomerge.search.suggest import baseline_params, build_recipe
 

@@ -168,7 +168,7 @@ def test_searched_recipe_beats_every_expert_and_naive_merge(fam):
 
     from evomerge.engine.checkpoints import Sources
     from evomerge.evaluation.evaluate import LMEvalEvaluator
-    from evomerge.engine.merge import merge_into
+    from evomerge.engine.execution import merge_into
     from evomerge.engine.recipe import load_recipe
     from evomerge.engine.sinks import ModelSink
 

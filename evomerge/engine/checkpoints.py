@@ -87,7 +87,7 @@ class Sources:
         self.where = dict(where or {})  # model -> YAML field, for error messages
         self.device = device
         self.reads = reads
-        self.cache: dict[Any, Any] = {}  # plan cache, owned by evomerge.engine.merge
+        self.cache: dict[Any, Any] = {}  # plan cache, owned by evomerge.engine.plan
         self._fds: dict[Path, int] = {}
 
     # --- opening ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Where merged tensors go: into a live model (search) or into safetensors shards (export).
 
-One plan, two sinks: `evomerge.engine.merge.merge_into` computes each output tensor once and hands it to a
+One plan, two sinks: `evomerge.engine.execution.merge_into` computes each output tensor once and hands it to a
 sink, so the model scored during a search and the model exported by `evomerge merge` are the same
 tensors, bit for bit. A sink has three calls:
 

@@ -28,7 +28,6 @@ import functools
 import io
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,9 @@ from typing import Any, Protocol
 from evomerge.errors import ConfigError
 from evomerge.evaluation import splits as carving
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
+from evomerge.evaluation.results import item_rows, metric_rows, prompts
+from evomerge.evaluation.subsets import chosen_positions, subset
+from evomerge.evaluation.taskfiles import task_files
 
 
 @dataclass(frozen=True)
@@ -60,64 +62,6 @@ class Evaluator(Protocol):
     """Anything that scores a model on a split (the search only relies on this)."""
 
     def evaluate(self, model: Any, split: str, *, limit: int | None = None, seed: int = 0) -> EvalResult: ...
-
-
-def subset(size: int, limit: int | None, seed: int, task: str) -> list[int] | None:
-    """Seeded random indices (sorted) of `limit` items out of `size`; None means all of them."""
-    if limit is None or limit >= size:
-        return None
-    if limit <= 0:
-        raise ConfigError(f"limit must be positive, got {limit}", where="evaluate", fix="use limit >= 1 or None")
-    rng = random.Random(f"{seed}/{task}")
-    return sorted(rng.sample(range(size), limit))
-
-
-def nested_order(size: int, seed: int, task: str) -> list[int]:
-    """A seeded order of the `size` items of a limit subset (positions 0..size-1): fidelity rungs take
-    its prefixes, so each rung holds the items of the one before and the last is the whole subset."""
-    order = list(range(size))
-    random.Random(f"{seed}/{task}/rungs").shuffle(order)
-    return order
-
-
-def chosen_positions(size: int, task: str, seed: int, ranks: tuple[int, int | None] | None,
-                     picks: dict[str, list[int]] | None) -> list[int] | None:
-    """Which positions of a task's limit subset (of `size` items) to score: `ranks` (a, b) takes
-    `nested_order(...)[a:b]`, `picks` the listed positions; None (neither): all of them."""
-    if ranks is not None:
-        a, b = ranks
-        return sorted(nested_order(size, seed, task)[a:b])
-    if picks is not None:
-        if task not in picks:
-            raise ConfigError(f"no items picked for task {task!r}", where="evaluate", fix="pick items of every task")
-        bad = [j for j in picks[task] if not 0 <= int(j) < size]
-        if bad:
-            raise ConfigError(f"picked item {bad[0]} of task {task!r} is outside its {size} items",
-                              where="evaluate", fix="pick positions of the limit subset")
-        return sorted({int(j) for j in picks[task]})
-    return None
-
-
-def _metric_rows(results: dict[str, dict], names: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for name in names:
-        row: dict[str, float] = {}
-        for key, value in results.get(name, {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or "_stderr" in key:
-                continue
-            metric, _, filt = key.partition(",")
-            row[metric if filt in ("", "none") else key] = float(value)
-        out[name] = row
-    return out
-
-
-def _item_rows(logged: dict[str, list[dict]], names: list[str], metrics: dict) -> dict[str, dict[str, list[float]]]:
-    """Per task and metric, every logged item's score in document order."""
-    rows: dict[str, dict[str, list[float]]] = {}
-    for name in names:
-        docs = sorted(logged[name], key=lambda d: d["doc_id"])
-        rows[name] = {m: [float(d[m]) for d in docs] for m in metrics[name] if docs and m in docs[0]}
-    return rows
 
 
 @contextlib.contextmanager
@@ -429,7 +373,7 @@ class LMEvalEvaluator:
             for name, leaf in self.view(role).leaves.items():
                 if name not in out:  # a carved task is a leaf of every split: hash its files once
                     out[name] = {"splits": {}, "fewshot_source": leaf.fewshot_source,
-                                 "files": _task_files(self._manager, name, leaf.task)}
+                                 "files": task_files(self._manager, name, leaf.task)}
                 row = out[name]
                 row["splits"][role] = {"items": len(leaf.carving.indices[role]), "ids": leaf.carving.ids_hash(role)}
                 if leaf.carving.fewshot:
@@ -482,12 +426,12 @@ class LMEvalEvaluator:
         except BaseException:
             sys.stderr.write(captured.getvalue())
             raise
-        metrics = _metric_rows(out["results"], view.names)
+        metrics = metric_rows(out["results"], view.names)
         counts = {n: len(s) for n, s in samples.items()}
-        items = _item_rows(out["samples"], list(view.leaves), _metric_rows(out["results"], list(view.leaves))) \
+        items = item_rows(out["samples"], list(view.leaves), metric_rows(out["results"], list(view.leaves))) \
             if per_item else None
         return EvalResult(metrics=metrics, samples=counts, seconds=time.perf_counter() - t0, items=items,
-                          prompts=_prompts(out["samples"]) if per_item else None,
+                          prompts=prompts(out["samples"]) if per_item else None,
                           truncated=self._truncation(out["samples"], view) if per_item else None,
                           positions=positions if per_item and positions else None)
 
@@ -509,55 +453,3 @@ class LMEvalEvaluator:
         return out
 
 
-def _prompts(logged: dict[str, list[dict]]) -> dict[str, dict[int, list[str]]]:
-    """Per task, every logged item's prompt(s) by document index (what the model was shown)."""
-    out: dict[str, dict[int, list[str]]] = {}
-    for name, docs in logged.items():
-        rows = out.setdefault(name, {})
-        for d in docs:
-            rows[int(d["doc_id"])] = [str(a[0]) if isinstance(a, (list, tuple)) else str(a) for a in d["arguments"]]
-    return out
-
-
-def _yaml_chain(path: str) -> list[str]:
-    """A task YAML and the files it `include:`s (relative to it), transitively: the settings that
-    decide a score may sit in a shared include (the toy tasks' generation settings do)."""
-    import re
-
-    out, todo = [], [path]
-    while todo:
-        f = todo.pop()
-        if f in out or not os.path.isfile(f):
-            continue
-        out.append(f)
-        with open(f, encoding="utf-8") as fh:
-            for inc in re.findall(r"^include:\s*['\"]?([^'\"#\s]+)", fh.read(), flags=re.M):
-                todo.append(inc if os.path.isabs(inc) else os.path.join(os.path.dirname(f), inc))
-    return out
-
-
-def _task_files(manager, name: str, task) -> dict[str, str]:
-    """sha256 of the task's YAML file, the YAML files it includes, and its local data files."""
-    import hashlib
-
-    files = []
-    entry = getattr(manager, "task_index", {}).get(name) if manager is not None else None
-    yaml_path = getattr(entry, "yaml_path", None) if entry is not None else None
-    if yaml_path:
-        files += _yaml_chain(str(yaml_path))
-    kwargs = getattr(task.config, "dataset_kwargs", None) or {}
-    base = os.path.dirname(str(yaml_path)) if yaml_path else "."
-    for key in ("data_files", "data_file", "data_dir"):
-        value = kwargs.get(key)
-        values = value.values() if isinstance(value, dict) else ([value] if isinstance(value, str) else value or [])
-        for v in values:
-            for f in ([v] if isinstance(v, str) else v):
-                # HF datasets reads relative paths from the current folder; some loaders from the YAML's
-                f = next((c for c in (f, os.path.join(base, f)) if os.path.isfile(c)), None)
-                if f is not None:
-                    files.append(f)
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            out[os.path.basename(f)] = hashlib.sha256(fh.read()).hexdigest()[:16]
-    return out

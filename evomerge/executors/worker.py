@@ -208,7 +208,7 @@ class Worker:
         if is_moe_config(recipe_dict):
             model = self._build_moe(recipe_dict)
         else:
-            from evomerge.engine.merge import merge_into
+            from evomerge.engine.execution import merge_into
             from evomerge.engine.recipe import MergeRecipe
             from evomerge.engine.sinks import ModelSink
 

@@ -289,7 +289,7 @@ def moe_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwr
                trust_remote_code: bool = False, allow_all_same: bool = False,
                model_root: str | os.PathLike | None = None) -> Path:
     """`evomerge moe`: build the MoE that `config_path` describes into the folder `out` (HF layout)."""
-    from evomerge.engine.merge import resolve_device
+    from evomerge.engine.execution import resolve_device
     from evomerge.engine.sinks import ShardedSafetensorsSink, parse_size
     from evomerge.moe.card import render_moe_card
 

@@ -59,7 +59,7 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
                 dtype: str = "float32", trust_remote_code: bool = False, log=print) -> dict:
     """Score every model on the same items; returns (and writes under `out`) the table as data."""
     from evomerge.engine.checkpoints import Sources
-    from evomerge.engine.merge import resolve_device
+    from evomerge.engine.execution import resolve_device
     from evomerge.evaluation import stats
     from evomerge.evaluation.splits import ROLES
     from evomerge.search.score import ScoreError, task_items, task_values, weights as mixture_weights

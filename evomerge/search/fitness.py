@@ -7,7 +7,7 @@ that the first items already show to be weak, or on items that say the same abou
 - `full`: every item of the seeded `limit` subset of each task, as always.
 - `fidelity`: rungs of nested item sets. Rung 0 scores `fidelity.limit` items per task, each next rung
   `factor` times as many, up to `limit`; a rung scores only its new items (the prefix of a seeded order
-  of the limit subset, `evaluate.nested_order`), and the value after a rung is the mean over every
+  of the limit subset, `subsets.nested_order`), and the value after a rung is the mean over every
   item scored so far. The pruner (successive halving, Hyperband, median) may stop a trial after any
   rung but the last; the last rung's value is exactly the full-limit score (the same items).
 - `anchors`: anchor points in the manner of tinyBenchmarks (Polo et al., 2024) and MERGE3 (ICML 2025).

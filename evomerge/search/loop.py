@@ -751,7 +751,7 @@ def _search_device(device: str, workers: int, ray_address: str | None) -> str:
     """The device trials run on. In process: checked against this machine (`auto` resolved). With Ray,
     each actor takes one GPU of its node when the device is cuda (so cuda:N cannot be honoured), and the
     cluster's GPUs are checked when the actors are placed, not on this machine."""
-    from evomerge.engine.merge import resolve_device
+    from evomerge.engine.execution import resolve_device
 
     if workers == 1 and not ray_address:
         return resolve_device(device)
@@ -774,7 +774,7 @@ def preflight(space: SearchSpace, *, evaluator: str | None = None, threads: int 
     executor adopts it) and the protocol record (with the audit's findings)."""
     from evomerge.evaluation.benchmarks import public_benchmarks
     from evomerge.engine.checkpoints import Sources
-    from evomerge.engine.merge import plan
+    from evomerge.engine.plan import plan
     from evomerge.executors.worker import Worker
     from evomerge.moe.build import plan_moe
     from evomerge.moe.config import MoEConfig

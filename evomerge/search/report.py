@@ -110,7 +110,7 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
                      f"mergekit-moe --random-seed {w.recipe.seed} best.yaml OUT builds the same tensors)")
         lines.append(moved)
         return w.recipe.to_yaml(comments=lines)
-    from evomerge.engine.merge import merge_threads
+    from evomerge.engine.execution import merge_threads
 
     threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
     lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")

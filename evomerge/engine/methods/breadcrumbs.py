@@ -9,7 +9,8 @@ TIES's sign consensus. Both default to normalize false, rescale false; gamma def
 
 from __future__ import annotations
 
-from evomerge.engine.methods.base import Tunable, magnitude_outliers_trim
+from evomerge.engine.methods.arithmetic import magnitude_outliers_trim
+from evomerge.engine.methods.base import Tunable
 from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 GAMMA = Tunable("gamma", default=0.01, low=0.0, high=1.0, kind="model", search_low=0.0, search_high=0.1,

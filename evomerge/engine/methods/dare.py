@@ -19,7 +19,7 @@ order tensors are merged in. With generator=None torch's global RNG is used, as 
 
 from __future__ import annotations
 
-from evomerge.engine.methods.base import bernoulli_drop
+from evomerge.engine.methods.arithmetic import bernoulli_drop
 from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 

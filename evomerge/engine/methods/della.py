@@ -14,7 +14,8 @@ so a recipe always gives the same tensors.
 
 from __future__ import annotations
 
-from evomerge.engine.methods.base import Tunable, check_della, della_magprune
+from evomerge.engine.methods.arithmetic import check_della, della_magprune
+from evomerge.engine.methods.base import Tunable
 from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 EPSILON = Tunable("epsilon", default=0.15, low=0.0, high=0.5, kind="model", search_low=0.01, search_high=0.2,

@@ -13,7 +13,8 @@ mergekit 0.1.5 `sce` (a base and any number of models), per output tensor, in th
 
 from __future__ import annotations
 
-from evomerge.engine.methods.base import MergeMethod, Tunable, sign_election_mask
+from evomerge.engine.methods.arithmetic import sign_election_mask
+from evomerge.engine.methods.base import MergeMethod, Tunable
 from evomerge.engine.methods.task_arithmetic import int8_mask_tunable
 
 

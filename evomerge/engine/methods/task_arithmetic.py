@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from evomerge.engine.methods.base import MergeMethod, Tunable, sign_election_mask
+from evomerge.engine.methods.arithmetic import sign_election_mask
+from evomerge.engine.methods.base import MergeMethod, Tunable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

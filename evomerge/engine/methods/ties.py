@@ -13,7 +13,7 @@ several equal-magnitude entries survive.
 
 from __future__ import annotations
 
-from evomerge.engine.methods.base import magnitude_trim
+from evomerge.engine.methods.arithmetic import magnitude_trim
 from evomerge.engine.methods.task_arithmetic import TaskArithmetic, density_tunable, family_globals, weight_tunable
 
 
