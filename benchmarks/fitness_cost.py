@@ -70,8 +70,8 @@ def overhead(space_path: str, repeats: int) -> dict:
     import torch
 
     from evomerge.executors.worker import Worker
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
 
     space = load_space(space_path)
     worker = Worker(worker_spec(space))
@@ -129,8 +129,8 @@ def overhead_mc(repeats: int, items: int = 256) -> dict:
     from evomerge.evaluation.evaluate import LMEvalEvaluator
     from evomerge.evaluation.protocol import SplitSpec
     from evomerge.executors.worker import Worker
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
 
     space = load_space(TOY_SPACE)
     worker = Worker(worker_spec(space))
@@ -203,7 +203,7 @@ def _one_run(space, folder: Path, rescorer) -> dict:
     from scipy.stats import spearmanr
 
     from evomerge.search.fitness import ANCHORS_ATTR, ITEMS_ATTR
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
 
     t0 = time.perf_counter()
     result = run_search(space, folder / "run", progress=False, evidence=False, log=lambda *_: None)
@@ -229,9 +229,9 @@ def _one_run(space, folder: Path, rescorer) -> dict:
 
 def strategies(space_path: Path, seeds: int, trials: int, only: list[str]) -> dict:
     from evomerge.executors.worker import TrialJob, Worker
-    from evomerge.search.loop import worker_spec
+    from evomerge.search.jobs import worker_spec
     from evomerge.search.score import score
-    from evomerge.search.space import load_space
+    from evomerge.search.spacefile import load_space
     from evomerge.search.suggest import build_recipe
 
     reference = load_space(space_path)
@@ -290,9 +290,10 @@ def estimators(space_path: Path, trials: int, k: int = 8, draws: int = 30) -> di
 
     from evomerge.executors.worker import TrialJob, Worker
     from evomerge.search.fitness import anchor_plan
-    from evomerge.search.loop import run_search, worker_spec
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.run import run_search
     from evomerge.search.score import objective_rows
-    from evomerge.search.space import load_space
+    from evomerge.search.spacefile import load_space
     from evomerge.search.suggest import build_recipe, reference_recipes
 
     with tempfile.TemporaryDirectory(prefix="evomerge-estimators-") as tmp:

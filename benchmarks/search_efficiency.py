@@ -63,8 +63,10 @@ def main(argv=None) -> int:
 def _run(args, tmp: Path) -> dict:
     from evomerge.executors.local import InProcessExecutor
     from evomerge.search.score import mixture
-    from evomerge.search.loop import run_search, top_trials, worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.run import run_search
+    from evomerge.search.selection import top_trials
+    from evomerge.search.spacefile import load_space
     from evomerge.search.study import grid_space
     from evomerge.search.suggest import build_recipe
     from evomerge.executors.worker import TrialJob

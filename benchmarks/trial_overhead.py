@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from evomerge.executors.local import InProcessExecutor
-    from evomerge.search.loop import optimize, worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.loop import optimize
+    from evomerge.search.spacefile import load_space
     from evomerge.search.study import create_study, default_storage
 
     space = load_space(args.space).with_overrides(trials=args.trials, sampler=args.sampler)

@@ -1,7 +1,8 @@
 """Command line: parse arguments and call the library; no logic lives here.
 
-Each subcommand has its own `_add_<name>` block (its flags) and dispatches to one library function,
-imported lazily so that `evomerge --help` never imports torch, transformers, lm_eval or ray.
+Each subcommand has its own `_add_<name>` block (its flags) and dispatches to one library function (or,
+for a command with checks of its own flags, to its handler in `evomerge.commands`), imported lazily so
+that `evomerge --help` never imports torch, transformers, lm_eval or ray.
 `EvomergeError` (bad user input) becomes one line on stderr and exit code 2.
 """
 
@@ -106,10 +107,10 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from evomerge.search.space import is_space_file
+    from evomerge.search.spacefile import is_space_file
 
     if is_space_file(args.config):
-        from evomerge.search.loop import validate_space
+        from evomerge.search.preflight import validate_space
 
         if args.model_root:
             from evomerge.errors import ConfigError
@@ -252,9 +253,9 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import run_search_cli
+    from evomerge.commands.search import run
 
-    return run_search_cli(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,8 +105,8 @@ def test_best_yaml_merges_to_the_scored_tensors_and_score(e2e, tmp_path):
     from evomerge.evaluation.evaluate import LMEvalEvaluator
     from evomerge.engine.recipe import load_recipe
     from evomerge.search.score import mixture
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
     from evomerge.executors.worker import Worker
 
     out = e2e["out"]
@@ -183,8 +183,8 @@ def test_planted_bad_candidate_fails_and_search_finishes(tmp_path):
         objective: {tasks_dir: toy, tasks: [toy_up, toy_rev]}
         search: {trials: 4, seed: 0, limit: 8, top_k: 1, sampler: random}
         """)
-    from evomerge.search.loop import run_search
-    from evomerge.search.space import load_space
+    from evomerge.search.run import run_search
+    from evomerge.search.spacefile import load_space
 
     s = load_space(space)
     out = tmp_path / "run"

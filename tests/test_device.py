@@ -70,8 +70,8 @@ def test_search_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 
 def test_the_worker_spec_carries_the_device(tmp_path):
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
 
     space = load_space(_space(tmp_path))
     assert worker_spec(space).device == "cpu"

@@ -82,8 +82,8 @@ def test_item_scores_means_and_weighted():
 @pytest.fixture(scope="module")
 def toy_worker():
     from evomerge.executors.worker import Worker
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
     from pathlib import Path
 
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "toy_task_arithmetic.yaml")
@@ -153,7 +153,7 @@ search: {trials: 14, sampler: random, seed: 0, limit: 32, top_k: 2, SETTINGS}
 
 
 def _space(tmp_path, settings: str):
-    from evomerge.search.space import load_space
+    from evomerge.search.spacefile import load_space
 
     p = tmp_path / "space.yaml"
     p.write_text(textwrap.dedent(SPACE.replace("SETTINGS", settings)))
@@ -171,7 +171,7 @@ def _full_value(worker, space, params) -> float:
 
 
 def test_fidelity_search_prunes_and_its_finished_trials_have_the_full_value(tmp_path, toy_worker):
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
     from evomerge.search.study import ROLE
 
     space = _space(tmp_path, "fitness: fidelity, fidelity: {limit: 4}, pruner: successive_halving")
@@ -192,7 +192,7 @@ def test_fidelity_search_prunes_and_its_finished_trials_have_the_full_value(tmp_
 
 
 def test_anchor_search_scores_only_anchors_and_reuses_them_on_resume(tmp_path):
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
 
     space = _space(tmp_path, "fitness: anchors, anchors: {items: 3}")
     logs: list[str] = []
@@ -234,12 +234,12 @@ def test_fitness_mistakes_are_refused_with_the_field(tmp_path, settings, where, 
 
 
 def test_a_group_task_is_refused_before_anything_is_written(tmp_path):
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
 
     body = SPACE.replace("tasks: [toy_up, toy_next, toy_rev, toy_sort]", "tasks: [toy]")
     p = tmp_path / "space.yaml"
     p.write_text(textwrap.dedent(body.replace("SETTINGS", "fitness: anchors")))
-    from evomerge.search.space import load_space
+    from evomerge.search.spacefile import load_space
 
     with pytest.raises(ConfigError, match="is a group") as err:
         run_search(load_space(p), tmp_path / "run", progress=False, log=lambda *_: None)
@@ -250,7 +250,7 @@ def test_a_group_task_is_refused_before_anything_is_written(tmp_path):
 def _carved_space(tmp_path, tasks: str, settings: str):
     from localtasks import write_tasks
 
-    from evomerge.search.space import load_space
+    from evomerge.search.spacefile import load_space
 
     d = write_tasks(tmp_path / "tasks")
     text = (d / "my_up.yaml").read_text()
@@ -265,7 +265,7 @@ def _carved_space(tmp_path, tasks: str, settings: str):
 
 
 def test_a_metric_that_is_not_a_mean_is_refused(tmp_path):
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
 
     space = _carved_space(tmp_path, "[my_up_median]", "fitness: anchors, anchors: {items: 4}")
     with pytest.raises(ConfigError, match="not aggregated as a mean") as err:
@@ -275,7 +275,7 @@ def test_a_metric_that_is_not_a_mean_is_refused(tmp_path):
 
 
 def test_fidelity_on_carved_generation_and_multiple_choice_tasks(tmp_path):
-    from evomerge.search.loop import run_search
+    from evomerge.search.run import run_search
 
     space = _carved_space(tmp_path, "[{task: my_up, metric: exact_match}, {task: mc_easy, metric: acc_norm}]",
                           "fitness: fidelity, fidelity: {limit: 4}, pruner: median")
@@ -285,7 +285,7 @@ def test_fidelity_on_carved_generation_and_multiple_choice_tasks(tmp_path):
     assert done and all(t.user_attrs[ITEMS_ATTR] == 2 * 16 for t in done)
     # the last rung's value is the full-limit value: score the first finished trial's recipe in full
     from evomerge.executors.worker import Worker
-    from evomerge.search.loop import worker_spec
+    from evomerge.search.jobs import worker_spec
 
     w = Worker(worker_spec(space))
     w.setup()

@@ -18,7 +18,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError
-from evomerge.search.space import load_space
+from evomerge.search.spacefile import load_space
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -142,7 +142,7 @@ def test_moe_search_best_yaml_builds_the_scored_model(run, tmp_path):
     from evomerge.evaluation.evaluate import LMEvalEvaluator
     from evomerge.executors.worker import Worker
     from evomerge.moe.config import load_moe_config
-    from evomerge.search.loop import worker_spec
+    from evomerge.search.jobs import worker_spec
     from evomerge.search.score import mixture
     from evomerge.search.suggest import build_recipe
 

@@ -589,8 +589,8 @@ def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, 
 
     from evomerge.executors.local import InProcessExecutor
     from evomerge.executors.ray_pool import RayExecutor
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
 
     tasks = write_tasks(tmp_path / "tasks")
     space = tmp_path / "space.yaml"

@@ -43,8 +43,8 @@ def test_real_model_search_best_yaml_reproduces_the_scored_model(family, tmp_pat
     from evomerge.cli import main
     from evomerge.engine.recipe import load_recipe
     from evomerge.executors.worker import Worker
-    from evomerge.search.loop import worker_spec
-    from evomerge.search.space import load_space
+    from evomerge.search.jobs import worker_spec
+    from evomerge.search.spacefile import load_space
 
     out = tmp_path / "run"
     assert main(["search", str(family / "space.yaml"), "--trials", "4", "--out", str(out), "--no-progress"]) == 0

@@ -11,7 +11,7 @@ import yaml
 
 from evomerge.engine.recipe import MergeRecipe
 from evomerge.search.report import atomic_write, source_hashes, winner_curves
-from evomerge.search.loop import run_search
+from evomerge.search.run import run_search
 from test_search import FakeExecutor, make_space
 
 

@@ -15,8 +15,8 @@ import optuna
 import pytest
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search.loop import run_search
-from evomerge.search.space import load_space
+from evomerge.search.run import run_search
+from evomerge.search.spacefile import load_space
 from evomerge.search.study import INTERRUPTED, create_study, default_storage
 from evomerge.executors.worker import TrialOutcome
 from test_space import make_models

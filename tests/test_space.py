@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.search.space import baseline_value, load_space
+from evomerge.search.spacefile import load_space
+from evomerge.search.suggest import baseline_value
 
 
 def make_models(root: Path, names=("base", "add", "rev"), layers: int = 4) -> None:
@@ -141,7 +142,7 @@ def test_shipped_spaces_load(monkeypatch):
 
 
 def test_dtype_follows_the_sources_and_out_dtype_is_what_is_scored(tmp_path):
-    from evomerge.search.loop import worker_spec
+    from evomerge.search.jobs import worker_spec
     from evomerge.search.suggest import baseline_params, build_recipe
 
     p = write_space(tmp_path, SLERP)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from evomerge.engine.recipe import MergeRecipe
-from evomerge.search.space import load_space
+from evomerge.search.spacefile import load_space
 from evomerge.search.suggest import baseline_params, build_recipe, suggest_params
 from test_space import make_models
 

@@ -7,7 +7,8 @@ hashes of the task files and items) into the run record, and a resumed run that 
 is refused with the names of what changed (`differences`).
 
 Both models are pydantic with `extra="forbid"`, so a typo in the space file fails loudly; the search
-space (`search/space.py`) embeds them under `objective.splits` and `objective.protocol`.
+space (`search/space.py`, read by `search/spacefile.py`) embeds them under `objective.splits` and
+`objective.protocol`.
 """
 
 from __future__ import annotations

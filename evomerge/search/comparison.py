@@ -20,7 +20,8 @@ from evomerge.errors import ConfigError
 
 
 def _objective(space_path, tasks, tasks_dir, metric):
-    from evomerge.search.space import Objective, Task, load_space
+    from evomerge.search.space import Objective, Task
+    from evomerge.search.spacefile import load_space
 
     if space_path:
         if tasks:

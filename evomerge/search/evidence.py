@@ -17,8 +17,8 @@ from typing import Any
 
 
 def compute(candidates: list, winner: Any, objective, parents: dict | None = None) -> dict:
-    """`candidates`: loop.Candidate objects with `scores["report"]["items"]`; `parents`: the parent
-    audit (lineage and membership per model, `loop.parent_audit`); returns plain data."""
+    """`candidates`: candidates.Candidate objects with `scores["report"]["items"]`; `parents`: the parent
+    audit (lineage and membership per model, `parents.parent_audit`); returns plain data."""
     from evomerge.evaluation import stats
     from evomerge.search.score import weights as mixture_weights
 

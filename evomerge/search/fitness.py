@@ -25,14 +25,21 @@ items, while `anchors` lost points and `fidelity` saved less than 2.5x; `full` s
 
 Both estimates average per-item scores, so they need a task whose metric is a mean over its items
 (accuracy, exact match): `check_tasks` refuses groups and other aggregations before the first trial.
+
+The trial loop (`loop.py`) holds a `TrialFitness`: the jobs a trial runs (one, or one per rung) and
+how their outcomes add up to the value told to Optuna; `study_anchors` chooses a study's anchors once.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.executors.worker import TrialJob, TrialOutcome
+from evomerge.search.jobs import each_outcome
+from evomerge.search.space import SearchSpace
 
 # study user attr: {"tasks": {task: {"picks": [...], "weights": [...]}}, "references": [labels],
 #                   "reference_items": n, "seconds": s}
@@ -183,3 +190,73 @@ def check_tasks(evaluator: Any, objective, mode: str, src: str) -> None:
             raise ConfigError(f"metric {task.metric!r} of task {task.task!r} is not aggregated as a mean over items",
                               where=f"{src}: objective.tasks[{i}].metric",
                               fix="use fitness: full for this metric (an item subset cannot estimate it)")
+
+
+class TrialFitness:
+    """What a trial's jobs are and how their outcomes become its fitness (the trial loop holds one)."""
+
+    def __init__(self, space: SearchSpace, study, executor, log: Callable):
+        self.space, self.mode = space, space.budget.fitness_mode
+        b = space.budget
+        self.rungs = rungs(b.fidelity.limit, b.fidelity.factor, b.limit) if self.mode == "fidelity" else None
+        self.plan = study_anchors(study, space, executor, log) if self.mode == "anchors" else None
+        self.scores: dict[int, Any] = {}  # trial number -> ItemScores (fidelity, anchors)
+
+    def job(self, number: int, recipe: dict, rung: int) -> TrialJob:
+        b = self.space.budget
+        if self.mode == "full":
+            return TrialJob(number, recipe, "search", b.limit, b.seed, tag="full")
+        if self.mode == "fidelity":
+            return TrialJob(number, recipe, "search", b.limit, b.seed, tag=f"rung:{rung}", per_item=True,
+                            ranks=self.rungs[rung])
+        picks = {t: tuple(p["picks"]) for t, p in self.plan["tasks"].items()}
+        return TrialJob(number, recipe, "search", b.limit, b.seed, tag="anchors", per_item=True, picks=picks)
+
+    def metrics(self, number: int, outcome: TrialOutcome) -> dict:
+        """The metrics the trial is scored on after this outcome (raises ValueError without items)."""
+        if self.mode == "full":
+            return outcome.metrics
+        if not outcome.items:
+            raise ValueError("the evaluator returned no per-item scores")
+        acc = self.scores.setdefault(number, ItemScores())
+        acc.add(outcome.items, outcome.positions)
+        return acc.means() if self.mode == "fidelity" else acc.weighted(self.plan["tasks"])
+
+    def last(self, tag: str) -> bool:
+        return not tag.startswith("rung:") or int(tag.split(":")[1]) == len(self.rungs) - 1
+
+    def forget(self, number: int) -> None:
+        self.scores.pop(number, None)
+
+
+def study_anchors(study, space: SearchSpace, executor, log: Callable) -> dict:
+    """The anchor items of this study (`fitness: anchors`): chosen on first use from the per-item
+    search-split scores of the references (parents, baseline recipes, naive merges) and stored in the
+    study, so that a resumed run scores the same items."""
+    from evomerge.search.score import objective_rows
+    from evomerge.search.suggest import reference_recipes
+
+    stored = study.user_attrs.get(ANCHORS_ATTR)
+    if stored is not None:
+        return stored
+    b = space.budget
+    refs = reference_recipes(space)
+    t0 = time.perf_counter()
+    jobs = [TrialJob(i, recipe, "search", b.limit, b.seed, tag="reference", per_item=True)
+            for i, (_, recipe) in enumerate(refs)]
+    references, items = {}, 0
+    for outcome in each_outcome(executor, jobs):
+        label = refs[outcome.number][0]
+        if not outcome.ok or not outcome.items:
+            raise EvomergeError(f"the anchor reference {label} could not be scored: "
+                                f"{(outcome.error or 'no per-item scores').splitlines()[0]}",
+                                where="search.fitness: anchors", fix="check the models and tasks, or use fitness: full")
+        references[label] = objective_rows(outcome.items, space.objective, "search")
+        items += sum((outcome.samples or {}).values())
+    plan = {"tasks": anchor_plan(references, b.anchor_items, b.seed), "references": [r[0] for r in refs],
+            "reference_items": items, "seconds": round(time.perf_counter() - t0, 3)}
+    study.set_user_attr(ANCHORS_ATTR, plan)
+    n = sum(len(p["picks"]) for p in plan["tasks"].values())
+    log(f"evomerge: fitness from {n} anchor items ({b.anchor_items} per task), chosen from {len(refs)} references "
+        f"scored on {items} items")
+    return plan

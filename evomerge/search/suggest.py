@@ -10,9 +10,10 @@ recipes (uniform weights, t = 0.5, default TIES) that are enqueued as the first 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from evomerge.search.space import REST, ParamSpec, SearchSpace, baseline_value
+from evomerge.search.space import REST, ParamSpec, SearchSpace
 
 Params = dict[str, Any]  # flat: optuna parameter name -> float | bool | str
 
@@ -160,6 +161,22 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, Params]]:
             params[dim.name] = baseline_value(spec)
         out.append((f"baseline:{mspace.name}", params))
     return out
+
+
+def baseline_value(spec: ParamSpec, n_models: int = 1) -> Any:
+    """The naive value a user would type: the method's default when it is inside the searched range,
+    else the middle of the range (t = 0.5); for a choice, the default or the first choice."""
+    if spec.fixed is not None:
+        return spec.fixed
+    if spec.choices is not None:
+        return spec.default if spec.default in spec.choices else spec.choices[0]
+    default = spec.default
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if spec.low <= default <= spec.high and math.isfinite(default):
+            return float(default)
+    if spec.log:
+        return float(math.sqrt(spec.low * spec.high))
+    return (spec.low + spec.high) / 2
 
 
 def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
