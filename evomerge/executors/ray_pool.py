@@ -204,25 +204,7 @@ class RayExecutor:
         threads = int(spec.threads or 1)
         self.setup_timeout = setup_timeout
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address:
-                kwargs["address"] = address
-            else:
-                # "local" always starts a fresh instance (a bare ray.init() would join a cluster
-                # that `ray start` left running on this machine).
-                kwargs["address"] = "local"
-                kwargs["num_cpus"] = max(os.cpu_count() or 1, workers * threads)
-            kwargs.update(init_kwargs or {})
-            try:
-                ray.init(**kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(
-                    f"cannot start or join Ray at {address or 'a new local instance'}: {exc}",
-                    where="--ray-address",
-                    fix="check the address (e.g. HOST:6379, 'auto' with a running `ray start`), "
-                    "and export RAY_AUTH_MODE=token if the cluster uses token authentication",
-                ) from exc
-            self._owns_ray = True
+            self._init_ray(address, max(os.cpu_count() or 1, workers * threads), init_kwargs)
 
         spec, options = actor_options(spec, ray.cluster_resources(), num_gpus=num_gpus, resources=resources)
         self.spec = spec
@@ -234,6 +216,29 @@ class RayExecutor:
         for slot in self._slots:
             self._start_actor(slot)
         self._await_started(start_timeout)
+
+    def _init_ray(self, address: str | None, num_cpus: int, init_kwargs: dict[str, Any] | None) -> None:
+        """Join the cluster at `address`, or start a fresh local instance with `num_cpus` CPUs (this pool
+        then owns it and shuts it down on close)."""
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            # "local" always starts a fresh instance (a bare ray.init() would join a cluster
+            # that `ray start` left running on this machine).
+            kwargs["address"] = "local"
+            kwargs["num_cpus"] = num_cpus
+        kwargs.update(init_kwargs or {})
+        try:
+            self._ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot start or join Ray at {address or 'a new local instance'}: {exc}",
+                where="--ray-address",
+                fix="check the address (e.g. HOST:6379, 'auto' with a running `ray start`), "
+                "and export RAY_AUTH_MODE=token if the cluster uses token authentication",
+            ) from exc
+        self._owns_ray = True
 
     # -- Executor protocol ------------------------------------------------------------------------
     @property

@@ -257,7 +257,7 @@ class Worker:
         t_start = time.perf_counter()
         metrics = None
         samples = None
-        items = truncated = positions = None
+        extras: dict[str, Any] = {}  # per item: items, truncated, positions
         error = None
         stage = "setup"
         try:
@@ -274,18 +274,7 @@ class Worker:
             if job.split == "membership":  # the parent audit: Min-K%++ on the report items vs the reference
                 metrics = self._membership(model, job.reference)
             else:
-                per_item = job.per_item and _accepts(self.evaluator.evaluate, "per_item")  # plug-ins may not
-                some = {k: v for k, v in (("ranks", job.ranks), ("picks", job.picks)) if v is not None}
-                if some and not _accepts(self.evaluator.evaluate, next(iter(some))):
-                    raise ValueError(f"this evaluator cannot score a subset of items ({next(iter(some))}=): "
-                                     "use search.fitness: full")
-                result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed,
-                                                 **({"per_item": True} if per_item else {}), **some)
-                items = getattr(result, "items", None) if per_item else None
-                truncated = getattr(result, "truncated", None) if per_item else None
-                positions = getattr(result, "positions", None) if per_item else None
-                metrics = _finite_metrics(result.metrics)
-                samples = dict(getattr(result, "samples", {}) or {})
+                metrics, samples, extras = self._evaluate(model, job)
             timings["eval"] = time.perf_counter() - t0
             bad = [
                 f"{t}/{m}" for t, row in metrics.items() for m, v in row.items() if not math.isfinite(v)
@@ -302,6 +291,7 @@ class Worker:
                 error = f"{error}\n{tb[-800:]}"
             metrics = None
         timings["total"] = time.perf_counter() - t_start
+        kept = extras if metrics is not None else {}
         return TrialOutcome(
             number=job.number,
             metrics=metrics,
@@ -311,7 +301,22 @@ class Worker:
             pid=os.getpid(),
             tag=job.tag,
             samples=samples,
-            items=items if metrics is not None else None,
-            truncated=truncated if metrics is not None else None,
-            positions=positions if metrics is not None else None,
+            items=kept.get("items"),
+            truncated=kept.get("truncated"),
+            positions=kept.get("positions"),
         )
+
+    def _evaluate(self, model, job: TrialJob) -> tuple[dict, dict, dict[str, Any]]:
+        """Score the job's split (its limit and seed, and only the ranks or picks it names): the metrics,
+        the items scored per task, and with per-item scores the result's items, truncation rates and
+        positions."""
+        per_item = job.per_item and _accepts(self.evaluator.evaluate, "per_item")  # plug-ins may not
+        some = {k: v for k, v in (("ranks", job.ranks), ("picks", job.picks)) if v is not None}
+        if some and not _accepts(self.evaluator.evaluate, next(iter(some))):
+            raise ValueError(f"this evaluator cannot score a subset of items ({next(iter(some))}=): "
+                             "use search.fitness: full")
+        result = self.evaluator.evaluate(model, job.split, limit=job.limit, seed=job.seed,
+                                         **({"per_item": True} if per_item else {}), **some)
+        extras = {k: getattr(result, k, None) for k in ("items", "truncated", "positions")} if per_item else {}
+        metrics = _finite_metrics(result.metrics)
+        return metrics, dict(getattr(result, "samples", {}) or {}), extras

@@ -127,12 +127,26 @@ def build_layout(config: "MoEConfig", sources: "Sources", dtype: str) -> Layout:
     """The layout of `config` over the opened sources (checked: every expert tensor exists with the
     base's shape). `dtype`: the output dtype name."""
     base = config.base_model
-    experts = config.all_experts
     types = {m: str(sources.config(m).get("model_type")) for m in config.referenced_models()}
     arch = choose_arch(config, types)
     cfg = sources.config(base)
     num_layers = int(cfg["num_hidden_layers"])
     hidden = int(cfg["hidden_size"])
+    _check_biases(arch, cfg, sources, base)
+    gated_shared = bool(config.shared_experts) and (
+        any(e.positive_prompts for e in config.shared_experts) or config.gate_mode in ("random", "uniform_random"))
+    _check_experts(config, sources, num_layers)
+    pieces = _base_pieces(arch, sources, base, num_layers) + _moe_pieces(arch, config, sources, num_layers, hidden)
+    return Layout(arch=arch, out_config=out_config(arch, cfg, config, dtype), pieces=tuple(pieces),
+                  num_layers=num_layers, hidden_size=hidden, gated_shared=gated_shared)
+
+
+def _mlp(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.mlp.{part}.weight"
+
+
+def _check_biases(arch: str, cfg: dict, sources: "Sources", base: str) -> None:
+    """The base's biases have a place in the output architecture."""
     if arch == "Mixtral" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise CheckpointError("the base uses attention or MLP biases, which Mixtral has no place for",
                               where="base_model", fix="use architecture: qwen (Qwen2-MoE keeps q/k/v biases) or "
@@ -140,26 +154,27 @@ def build_layout(config: "MoEConfig", sources: "Sources", dtype: str) -> Layout:
     if arch == "Qwen MoE" and (cfg.get("mlp_bias") or sources.has(base, "model.layers.0.self_attn.o_proj.bias")):
         raise CheckpointError("the base uses MLP or output-projection biases, which Qwen2-MoE has no place for",
                               where="base_model", fix="use a base without those biases")
+
+
+def _check_experts(config: "MoEConfig", sources: "Sources", num_layers: int) -> None:
+    """Every expert (shared ones included) has every MLP tensor of the base, with the base's shape."""
     n = len(config.experts)
-    gated_shared = bool(config.shared_experts) and (
-        any(e.positive_prompts for e in config.shared_experts) or config.gate_mode in ("random", "uniform_random"))
-
-    def mlp(layer: int, part: str) -> str:
-        return f"model.layers.{layer}.mlp.{part}.weight"
-
-    for i, e in enumerate(experts):
+    for i, e in enumerate(config.all_experts):
         key = f"experts[{i}]" if i < n else f"shared_experts[{i - n}]"
         for layer in range(num_layers):
             for part in _MLP:
-                name = mlp(layer, part)
+                name = _mlp(layer, part)
                 if not sources.has(e.source_model, name):
                     raise CheckpointError(f"{e.source_model} has no tensor {name}", where=f"{key}.source_model",
                                           fix="use dense fine-tunes of the base (same layer count and MLP names)")
-                got, want = sources.info(e.source_model, name).shape, sources.info(base, name).shape
+                got, want = sources.info(e.source_model, name).shape, sources.info(config.base_model, name).shape
                 if tuple(got) != tuple(want):
                     raise CheckpointError(f"{name} is {list(got)} in {e.source_model} but {list(want)} in the base",
                                           where=f"{key}.source_model", fix="use fine-tunes of the same base model")
 
+
+def _base_pieces(arch: str, sources: "Sources", base: str, num_layers: int) -> list[Piece]:
+    """What the base gives: every tensor but its MLPs (and, for Qwen2-MoE, zero q/k/v biases it lacks)."""
     pieces: list[Piece] = []
     for name in sources.names(base):
         if ".mlp." in name:
@@ -172,12 +187,19 @@ def build_layout(config: "MoEConfig", sources: "Sources", dtype: str) -> Layout:
                 if not sources.has(base, bias):
                     rows = sources.info(base, f"model.layers.{layer}.self_attn.{proj}.weight").shape[0]
                     pieces.append(Piece(bias, "zeros", (rows,)))
+    return pieces
+
+
+def _moe_pieces(arch: str, config: "MoEConfig", sources: "Sources", num_layers: int, hidden: int) -> list[Piece]:
+    """The experts' MLPs and the routers, in mergekit-moe's order (noise draws follow it)."""
+    base, experts, n = config.base_model, config.all_experts, len(config.experts)
 
     def expert_piece(name: str, index: int, layer: int, part: str) -> Piece:
-        src = mlp(layer, part)
+        src = _mlp(layer, part)
         return Piece(name, "copy", tuple(sources.info(base, src).shape), model=experts[index].source_model,
                      source=src, expert=index, residual=part == "down_proj")
 
+    pieces: list[Piece] = []
     if arch == "Mixtral":
         for layer in range(num_layers):
             for e in range(n):  # mergekit-moe's order: per expert gate, down, up (noise draws follow it)
@@ -187,18 +209,17 @@ def build_layout(config: "MoEConfig", sources: "Sources", dtype: str) -> Layout:
         for layer in range(num_layers):
             pieces.append(Piece(f"model.layers.{layer}.block_sparse_moe.gate.weight", "router", (n, hidden),
                                 layer=layer))
-    else:
-        for layer in range(num_layers):
-            for part in ("down_proj", "gate_proj", "up_proj"):  # mergekit-moe's (alphabetical) order
-                for e in range(n):
-                    pieces.append(expert_piece(f"model.layers.{layer}.mlp.experts.{e}.{part}.weight", e, layer, part))
-                pieces.append(expert_piece(f"model.layers.{layer}.mlp.shared_expert.{part}.weight", n, layer, part))
-        for layer in range(num_layers):
-            pieces.append(Piece(f"model.layers.{layer}.mlp.gate.weight", "router", (n, hidden), layer=layer))
-            pieces.append(Piece(f"model.layers.{layer}.mlp.shared_expert_gate.weight", "shared_router", (1, hidden),
-                                layer=layer))
-    return Layout(arch=arch, out_config=out_config(arch, cfg, config, dtype), pieces=tuple(pieces),
-                  num_layers=num_layers, hidden_size=hidden, gated_shared=gated_shared)
+        return pieces
+    for layer in range(num_layers):
+        for part in ("down_proj", "gate_proj", "up_proj"):  # mergekit-moe's (alphabetical) order
+            for e in range(n):
+                pieces.append(expert_piece(f"model.layers.{layer}.mlp.experts.{e}.{part}.weight", e, layer, part))
+            pieces.append(expert_piece(f"model.layers.{layer}.mlp.shared_expert.{part}.weight", n, layer, part))
+    for layer in range(num_layers):
+        pieces.append(Piece(f"model.layers.{layer}.mlp.gate.weight", "router", (n, hidden), layer=layer))
+        pieces.append(Piece(f"model.layers.{layer}.mlp.shared_expert_gate.weight", "shared_router", (1, hidden),
+                            layer=layer))
+    return pieces
 
 
 def out_config(arch: str, base_cfg: dict, config: "MoEConfig", dtype: str) -> dict:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from evomerge.errors import ConfigError
 
@@ -61,9 +62,7 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
     """Score every model on the same items; returns (and writes under `out`) the table as data."""
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.execution import resolve_device
-    from evomerge.evaluation import stats
     from evomerge.evaluation.splits import ROLES
-    from evomerge.search.score import ScoreError, task_items, task_values, weights as mixture_weights
 
     if not models:
         raise ConfigError("no models given", where="evomerge eval", fix="name one or more model folders")
@@ -83,72 +82,116 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
     out_dir = Path(out) if out else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} exists and is not a folder", where="--out", fix="choose another --out")
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from evomerge.evaluation.evaluate import LMEvalEvaluator
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    tok_dir = sp.tokenizer if sp is not None and sp.tokenizer else models[0]
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    evaluator = LMEvalEvaluator(tokenizer, [t.task for t in objective.tasks], objective.tasks_dir, device=device,
-                                splits=objective.splits, protocol=objective.protocol)
-    labels = _labels(models)
-    w = mixture_weights(objective)
-    rows: dict[str, Any] = {}
-    items: dict[str, dict] = {}
-    for label, path in zip(labels, models):
-        log(f"evomerge: scoring {label} on the {split!r} split" if objective.splits.mode != "whole"
-            else f"evomerge: scoring {label}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code).to(device).eval()
-        try:
-            res = evaluator.evaluate(model, split, limit=limit, seed=sp.budget.seed if sp else 0, per_item=True)
-            values = task_values(res.metrics, objective, split)
-            items[label] = task_items(res.items, objective, split)
-        except ScoreError as exc:
-            raise ConfigError(str(exc), where="--tasks" if tasks else f"{space}: objective.tasks",
-                              fix="name a metric the task reports (task:metric, or --metric)") from None
-        ci = stats.mixture_ci(items[label], w)
-        rows[label] = {"model": str(path), "tasks": values, "mixture": ci.as_dict(), "truncated": res.truncated,
-                       "items": res.samples}
-        del model
-    first = labels[0]
-    paired = {}
-    for label in labels[1:]:
-        paired[label] = stats.paired(items[label], items[first], w).as_dict()
-    result = {"split": split if objective.splits.mode != "whole" else "all items", "reference": first,
-              "objective": [{"task": t.task, "metric": t.metric, "weight": t.weight, "direction": t.direction}
-                            for t in objective.tasks],
-              "protocol": objective.protocol.model_dump(mode="json"), "models": rows, "paired_vs_first": paired,
-              "method": f"stratified bootstrap, {stats.BOOTSTRAP_RESAMPLES} resamples, 95%; McNemar exact for 0/1"}
+    comparison = _Comparison(objective, sp, split, limit, device, dtype, trust_remote_code,
+                             where="--tasks" if tasks else f"{space}: objective.tasks", log=log)
+    result = comparison.run(models)
     text = markdown(result)
     log(text)
     if out_dir is not None:
-        from evomerge.search.report import atomic_write, score_chart
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "eval.md", text)
-        atomic_write(out_dir / "eval.json", json.dumps(result, indent=1) + "\n")  # models in the order given
-        chart = {"models": {k: {"report": v["mixture"]} for k, v in rows.items()}, "winner": first}
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = score_chart(chart, f"{result['split']}: mixture with 95% intervals (first model green)")
-        fig.set_size_inches(8, 1.5 + 0.5 * len(rows))
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        atomic_write(out_dir / "eval.png", buf.getvalue())
-        log(f"wrote {out_dir / 'eval.md'}, eval.json, eval.png")
+        _write(out_dir, result, text, log)
     return result
+
+
+@dataclass
+class _Comparison:
+    """One `evomerge eval`: the objective and how every model is loaded and scored on it."""
+
+    objective: Any
+    space: Any  # the SearchSpace with --space, else None
+    split: str
+    limit: int | None
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    where: str  # what a metric the tasks do not report points at
+    log: Callable = print
+
+    def run(self, models: list[str]) -> dict:
+        """Every model scored (per item) on the same items; intervals and paired tests against the first."""
+        from evomerge.evaluation import stats
+        from evomerge.search.score import weights as mixture_weights
+
+        objective = self.objective
+        evaluator = self._evaluator(models[0])
+        labels = _labels(models)
+        w = mixture_weights(objective)
+        rows: dict[str, Any] = {}
+        items: dict[str, dict] = {}
+        for label, path in zip(labels, models):
+            rows[label], items[label] = self._score(evaluator, label, path)
+            rows[label]["mixture"] = stats.mixture_ci(items[label], w).as_dict()
+        first = labels[0]
+        paired = {}
+        for label in labels[1:]:
+            paired[label] = stats.paired(items[label], items[first], w).as_dict()
+        return {"split": self.split if objective.splits.mode != "whole" else "all items", "reference": first,
+                "objective": [{"task": t.task, "metric": t.metric, "weight": t.weight, "direction": t.direction}
+                              for t in objective.tasks],
+                "protocol": objective.protocol.model_dump(mode="json"), "models": rows, "paired_vs_first": paired,
+                "method": f"stratified bootstrap, {stats.BOOTSTRAP_RESAMPLES} resamples, 95%; McNemar exact for 0/1"}
+
+    def _evaluator(self, first_model: str):
+        """lm-eval over the objective's tasks, with the space's tokenizer (else the first model's)."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from evomerge.evaluation.evaluate import LMEvalEvaluator
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        sp, objective = self.space, self.objective
+        tok_dir = sp.tokenizer if sp is not None and sp.tokenizer else first_model
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=self.trust_remote_code)
+        return LMEvalEvaluator(tokenizer, [t.task for t in objective.tasks], objective.tasks_dir, device=self.device,
+                               splits=objective.splits, protocol=objective.protocol)
+
+    def _score(self, evaluator, label: str, path: str) -> tuple[dict, dict]:
+        """One model loaded and scored: its row (path, task values, truncation, item counts) and its items."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.search.score import ScoreError, task_items, task_values
+
+        objective, split = self.objective, self.split
+        self.log(f"evomerge: scoring {label} on the {split!r} split" if objective.splits.mode != "whole"
+                 else f"evomerge: scoring {label}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
+                                                     trust_remote_code=self.trust_remote_code).to(self.device).eval()
+        try:
+            res = evaluator.evaluate(model, split, limit=self.limit, seed=self.space.budget.seed if self.space else 0,
+                                     per_item=True)
+            values = task_values(res.metrics, objective, split)
+            items = task_items(res.items, objective, split)
+        except ScoreError as exc:
+            raise ConfigError(str(exc), where=self.where,
+                              fix="name a metric the task reports (task:metric, or --metric)") from None
+        return {"model": str(path), "tasks": values, "mixture": None, "truncated": res.truncated,
+                "items": res.samples}, items
+
+
+def _write(out_dir: Path, result: dict, text: str, log: Callable) -> None:
+    """eval.md, eval.json (models in the order given) and eval.png (the mixtures with their intervals)."""
+    import io
+
+    import matplotlib
+
+    from evomerge.search.report import atomic_write, score_chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "eval.md", text)
+    atomic_write(out_dir / "eval.json", json.dumps(result, indent=1) + "\n")  # models in the order given
+    rows = result["models"]
+    chart = {"models": {k: {"report": v["mixture"]} for k, v in rows.items()}, "winner": result["reference"]}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = score_chart(chart, f"{result['split']}: mixture with 95% intervals (first model green)")
+    fig.set_size_inches(8, 1.5 + 0.5 * len(rows))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(out_dir / "eval.png", buf.getvalue())
+    log(f"wrote {out_dir / 'eval.md'}, eval.json, eval.png")
 
 
 def markdown(result: dict) -> str:

@@ -152,11 +152,35 @@ def trials_csv(study, space) -> str:
 
 
 def report_md(result, storage: str, plots: list[str], ev: dict | None = None) -> str:
-    space = result.space
-    study = result.study
-    w = result.winner
+    """report.md: the run at a glance, the candidates on every split, the evidence, the winner's recipe,
+    failed trials, plots, and how to explore the study."""
     from optuna.trial import TrialState
 
+    study, w = result.study, result.winner
+    out = _overview(result) + _candidates_table(result)
+    if ev:
+        from evomerge.search.evidence import markdown
+
+        out += markdown(ev)
+    if w is not None:
+        out += ["## Winner recipe", "", "```yaml", w.recipe.to_yaml().rstrip(), "```", ""]
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    if failed:
+        out += ["## Failed trials", ""]
+        for t in failed[:20]:
+            reason = str(t.user_attrs.get("fail_reason", "interrupted")).splitlines()[0]
+            out.append(f"- trial {t.number}: {reason}")
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    out += ["## Explore the study", "", "```", DASHBOARD_HINT.format(storage=storage), "```", ""]
+    out += ["Files: `best.yaml` (winner, mergekit YAML), `trials.csv` (every trial), `study.db` (Optuna storage)."]
+    return "\n".join(out) + "\n"
+
+
+def _overview(result) -> list[str]:
+    """The report's head: trials by state, objective, fitness, splits, wall time, protocol, winner."""
+    space, study, w = result.space, result.study, result.winner
     states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL")}
     reused = 0
     for t in study.get_trials(deepcopy=False):
@@ -179,8 +203,13 @@ def report_md(result, storage: str, plots: list[str], ev: dict | None = None) ->
     if w is not None:
         out.append(f"- winner: **{w.label}** -> `best.yaml` (`evomerge merge best.yaml OUT` rebuilds it)")
     out.append("")
-    out.append("## Winner vs parents vs baselines")
-    out.append("")
+    return out
+
+
+def _candidates_table(result) -> list[str]:
+    """Every candidate's score on each split and its report score per task."""
+    space, w = result.space, result.winner
+    out = ["## Winner vs parents vs baselines", ""]
     task_names = [t.task for t in space.objective.tasks]
     splits = list(ROLES)
     header = ["candidate"] + splits + [f"report: {t}" for t in task_names]
@@ -195,24 +224,7 @@ def report_md(result, storage: str, plots: list[str], ev: dict | None = None) ->
     out.append("")
     out.append("Scores are the weighted objective (higher is better). Parents are scored on the report split only.")
     out.append("")
-    if ev:
-        from evomerge.search.evidence import markdown
-
-        out += markdown(ev)
-    if w is not None:
-        out += ["## Winner recipe", "", "```yaml", w.recipe.to_yaml().rstrip(), "```", ""]
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-    if failed:
-        out += ["## Failed trials", ""]
-        for t in failed[:20]:
-            reason = str(t.user_attrs.get("fail_reason", "interrupted")).splitlines()[0]
-            out.append(f"- trial {t.number}: {reason}")
-        out.append("")
-    if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    out += ["## Explore the study", "", "```", DASHBOARD_HINT.format(storage=storage), "```", ""]
-    out += ["Files: `best.yaml` (winner, mergekit YAML), `trials.csv` (every trial), `study.db` (Optuna storage)."]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def fitness_text(study, space) -> str:
@@ -311,18 +323,28 @@ def write_plots(result, out: Path, ev: dict | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from matplotlib.figure import Figure
-    from optuna.visualization import matplotlib as ovm
+    plots = _Plots(out / "plots")
+    _study_plots(result, plots)
+    if result.winner is not None:
+        _winner_plot(result, plots)
+    if ev and ev.get("models"):
+        fig = score_chart(ev, f"{result.space.name}: report split, 95% intervals")
+        plots.save(fig, "report_scores.png")
+    return plots.made
 
-    plots_dir = out / "plots"
-    plots_dir.mkdir(exist_ok=True)
-    made = []
-    study = result.study
-    multi = result.space.objective.multi_objective
 
-    def save(obj, name: str) -> None:
+class _Plots:
+    """The run's plots folder and the PNGs saved into it (`made`: paths relative to the run folder)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(exist_ok=True)
+        self.made: list[str] = []
+
+    def save(self, obj, name: str) -> None:
+        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
+
         if hasattr(obj, "flat"):  # an array of axes
             obj = obj.flat[0]
         fig = obj if isinstance(obj, Figure) else obj.figure
@@ -331,9 +353,18 @@ def write_plots(result, out: Path, ev: dict | None = None) -> list[str]:
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
-        atomic_write(plots_dir / name, buf.getvalue())
-        made.append(f"plots/{name}")
+        atomic_write(self.folder / name, buf.getvalue())
+        self.made.append(f"plots/{name}")
 
+
+def _study_plots(result, plots: _Plots) -> None:
+    """Optuna's plots of the study: the history (one per task when multi-objective), parameter
+    importances, the Pareto front. A plot never fails a run."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    study = result.study
+    multi = result.space.objective.multi_objective
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -341,42 +372,43 @@ def write_plots(result, out: Path, ev: dict | None = None) -> list[str]:
             try:
                 if multi:
                     for i, task in enumerate(result.space.objective.tasks):
-                        save(ovm.plot_optimization_history(study, target=lambda t, i=i: t.values[i],
-                                                           target_name=task.task), f"history_{task.task}.png")
+                        plots.save(ovm.plot_optimization_history(study, target=lambda t, i=i: t.values[i],
+                                                                 target_name=task.task), f"history_{task.task}.png")
                 else:
-                    save(ovm.plot_optimization_history(study), "history.png")
+                    plots.save(ovm.plot_optimization_history(study), "history.png")
             except Exception:  # noqa: BLE001 - a plot never fails a run
                 pass
         if len(complete) >= 3 and any(t.params for t in complete):
             try:
                 target = (lambda t: t.values[0]) if multi else None
-                save(ovm.plot_param_importances(study, target=target), "importances.png")
+                plots.save(ovm.plot_param_importances(study, target=target), "importances.png")
             except Exception:  # noqa: BLE001
                 pass
         if multi and len(complete) >= 2:
             try:
-                save(ovm.plot_pareto_front(study, target_names=[t.task for t in result.space.objective.tasks]),
-                     "pareto.png")
+                plots.save(ovm.plot_pareto_front(study, target_names=[t.task for t in result.space.objective.tasks]),
+                           "pareto.png")
             except Exception:  # noqa: BLE001
                 pass
-    if result.winner is not None:
-        space = result.space
-        layers = _num_layers(space.base.path if space.base else space.models[0].path)
-        curves = winner_curves(result.winner.recipe, layers)
-        if curves and layers > 0:
-            fig, ax = plt.subplots()
-            for name, values in curves.items():
-                ax.plot(range(len(values)), values, marker="o", label=name)
-            ax.set_xticks(range(layers))
-            ax.set_xlabel("layer")
-            ax.set_ylabel("value")
-            ax.set_title(f"winner ({result.winner.label}): per-layer parameters")
-            ax.legend(fontsize=7)
-            save(fig, "winner_curves.png")
-    if ev and ev.get("models"):
-        fig = score_chart(ev, f"{result.space.name}: report split, 95% intervals")
-        save(fig, "report_scores.png")
-    return made
+
+
+def _winner_plot(result, plots: _Plots) -> None:
+    """The winner's searched numbers per layer (gradients, filters), when it has any."""
+    import matplotlib.pyplot as plt
+
+    space = result.space
+    layers = _num_layers(space.base.path if space.base else space.models[0].path)
+    curves = winner_curves(result.winner.recipe, layers)
+    if curves and layers > 0:
+        fig, ax = plt.subplots()
+        for name, values in curves.items():
+            ax.plot(range(len(values)), values, marker="o", label=name)
+        ax.set_xticks(range(layers))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("value")
+        ax.set_title(f"winner ({result.winner.label}): per-layer parameters")
+        ax.legend(fontsize=7)
+        plots.save(fig, "winner_curves.png")
 
 
 def score_chart(ev: dict, title: str):

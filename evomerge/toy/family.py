@@ -18,6 +18,7 @@ Layout of a family folder::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -339,10 +340,6 @@ def build(
     `reuse_base` (a tuning shortcut) copies the base of a family built with the same seed and the
     same base settings instead of retraining it; the result is the same bytes.
     """
-    import torch
-
-    from evomerge.toy import training
-
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -356,24 +353,77 @@ def build(
     log = log or (lambda _m: None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with _deterministic():
+            _Build(plan, seed, tmp, log).run(quick, reuse_base)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"family written to {out}")
+    return load(out)
 
+
+@contextlib.contextmanager
+def _deterministic():
+    """One torch thread and deterministic algorithms (bit-identical results; also the fastest on a busy
+    2-core machine), no Hugging Face progress bars; the previous settings restored afterwards."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per member is noise
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)  # bit-identical results; also the fastest on a busy 2-core machine
+    torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class _Build:
+    """One family built into a temp folder: splits, tokenizer, base, one expert per skill, tasks, manifest."""
+
+    def __init__(self, plan: BuildPlan, seed: int, tmp: Path, log: Callable[[str], None]):
+        from evomerge.toy import training
+
+        self.plan, self.seed, self.tmp, self.log = plan, seed, tmp, log
+        self.shape = training.ModelShape(hidden=plan.hidden, intermediate=plan.intermediate, layers=plan.layers,
+                                         heads=plan.heads)
+
+    def run(self, quick: bool, reuse_base: str | os.PathLike | None) -> None:
+        from evomerge.toy import training
+
+        plan, seed, tmp = self.plan, self.seed, self.tmp
         splits = draw_splits(plan.split_sizes, seed, plan.skills)
-        exclude = {normalize(r["prompt"]) for by in splits.values() for rows in by.values() for r in rows}
-        tokenizer = training.build_tokenizer()
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        shape = training.ModelShape(
-            hidden=plan.hidden, intermediate=plan.intermediate, layers=plan.layers, heads=plan.heads
-        )
-        base = training.new_model(shape, seed)
+        self.exclude = {normalize(r["prompt"]) for by in splits.values() for rows in by.values() for r in rows}
+        self.tokenizer = training.build_tokenizer()
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        base = self._base(reuse_base)
+        # Experts start from the *stored* (fp16-rounded) base, so task vectors are exact differences.
+        base_state = {k: v.detach().half().float() for k, v in base.state_dict().items()}
+        teacher = None
+        if plan.replay_targets == "base":
+            teacher = training.new_model(self.shape, seed)
+            teacher.load_state_dict(base_state)
+        for index, skill in enumerate(plan.skills):
+            self._expert(index, skill, base_state, teacher)
+        table = write_tasks(tmp / "tasks", splits)
+        (tmp / MANIFEST).write_text(json.dumps(self._manifest(table, quick), indent=2, sort_keys=True) + "\n")
+
+    def _base(self, reuse_base: str | os.PathLike | None):
+        """The base model, trained on the base corpus (or copied from `reuse_base`), saved."""
+        from evomerge.toy import training
+
+        plan, seed, tmp, log = self.plan, self.seed, self.tmp, self.log
+        base = training.new_model(self.shape, seed)
         if reuse_base is not None:
             _check_reusable(Path(reuse_base), plan, seed)
             log(f"base: reused from {reuse_base}")
@@ -386,45 +436,47 @@ def build(
                 base,
                 training.Schedule(plan.base_steps, plan.base_lr, plan.base_corpus, batch=plan.batch, warmup=50),
                 seed=seed * 1000 + 1,
-                exclude=exclude,
+                exclude=self.exclude,
                 log=log,
             )
-            training.save(base, tokenizer, tmp / "base")
-        # Experts start from the *stored* (fp16-rounded) base, so task vectors are exact differences.
-        base_state = {k: v.detach().half().float() for k, v in base.state_dict().items()}
-        teacher = None
-        if plan.replay_targets == "base":
-            teacher = training.new_model(shape, seed)
-            teacher.load_state_dict(base_state)
-        for index, skill in enumerate(plan.skills):
-            expert = training.new_model(shape, seed)
-            expert.load_state_dict(base_state)
-            others = [o for o in plan.skills if o != skill]
-            mixture = {skill: 1.0 - plan.expert_replay}
-            if plan.expert_replay > 0:
-                mixture.update({o + plan.replay_variant: plan.expert_replay / len(others) for o in others})
-            log(f"expert {skill}: {plan.expert_steps[skill]} steps at lr {plan.expert_lr[skill]}")
-            training.train(
-                expert,
-                training.Schedule(
-                    plan.expert_steps[skill],
-                    plan.expert_lr[skill],
-                    mixture,
-                    batch=plan.batch,
-                    warmup=10,
-                    optimizer=plan.expert_optimizer,
-                ),
-                seed=seed * 1000 + 100 + index,
-                exclude=exclude,
-                trainable=_layer_filter(plan.expert_layers.get(skill)) if plan.expert_layers else None,
-                teacher=teacher,
-                own=(skill,),
-            )
-            training.save(expert, tokenizer, tmp / "experts" / skill)
-        table = write_tasks(tmp / "tasks", splits)
-        manifest_data = {
+            training.save(base, self.tokenizer, tmp / "base")
+        return base
+
+    def _expert(self, index: int, skill: str, base_state: dict, teacher) -> None:
+        """The expert of `skill`: the base fine-tuned on its skill (with replay of the others), saved."""
+        from evomerge.toy import training
+
+        plan, seed = self.plan, self.seed
+        expert = training.new_model(self.shape, seed)
+        expert.load_state_dict(base_state)
+        others = [o for o in plan.skills if o != skill]
+        mixture = {skill: 1.0 - plan.expert_replay}
+        if plan.expert_replay > 0:
+            mixture.update({o + plan.replay_variant: plan.expert_replay / len(others) for o in others})
+        self.log(f"expert {skill}: {plan.expert_steps[skill]} steps at lr {plan.expert_lr[skill]}")
+        training.train(
+            expert,
+            training.Schedule(
+                plan.expert_steps[skill],
+                plan.expert_lr[skill],
+                mixture,
+                batch=plan.batch,
+                warmup=10,
+                optimizer=plan.expert_optimizer,
+            ),
+            seed=seed * 1000 + 100 + index,
+            exclude=self.exclude,
+            trainable=_layer_filter(plan.expert_layers.get(skill)) if plan.expert_layers else None,
+            teacher=teacher,
+            own=(skill,),
+        )
+        training.save(expert, self.tokenizer, self.tmp / "experts" / skill)
+
+    def _manifest(self, table: dict, quick: bool) -> dict:
+        plan = self.plan
+        return {
             "format": 1,
-            "seed": seed,
+            "seed": self.seed,
             "quick": quick,
             "skill_order": list(plan.skills),
             "skills": {s: {"description": SKILLS[s].description} for s in plan.skills},
@@ -435,17 +487,3 @@ def build(
             "splits": table,
             "plan": asdict(plan),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest_data, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
-        if bars:
-            hf_logging.enable_progress_bar()
-    log(f"family written to {out}")
-    return load(out)
