@@ -1,10 +1,13 @@
-"""The package's rooms and the direction of their dependencies, read from the source with `ast`.
+"""The package's rooms and the direction of their dependencies, read from the source with `ast`; and
+the size of its modules and functions.
 
 Every `import` and `from ... import` of every module under evomerge/ (TYPE_CHECKING blocks and imports
 inside functions included: a cycle is a cycle whenever it is resolved) is mapped to the room it comes
 from and checked against `ALLOWED`. Third-party libraries with a home are checked too: Ray only in
 executors/ray_pool.py, lm_eval only in evaluation/, optuna only in search/, safetensors only in the
-engine (and moe/). The checker itself is tested on planted violations, so this file can fail.
+engine (and moe/). No module is longer than MAX_MODULE_LINES and no function (def line to last line)
+longer than MAX_FUNCTION_LINES: a module that outgrows it holds more than one thing, a function that
+does has steps that want names. Each checker is tested on planted violations, so this file can fail.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "evomerge"
+MAX_MODULE_LINES = 500  # lines of a module under evomerge/
+MAX_FUNCTION_LINES = 60  # lines of a function or method, def line to last line (ast's end_lineno - lineno + 1)
 
 # room -> the rooms it may import ("root" is evomerge/__init__.py, for __version__).
 ALLOWED: dict[str, set[str]] = {
@@ -164,6 +169,25 @@ def package_sources() -> dict[str, str]:
     return files
 
 
+def long_functions(files: dict[str, str]) -> list[str]:
+    """Every function or method in `files` longer than MAX_FUNCTION_LINES (nested ones included)."""
+    bad = []
+    for rel, text in sorted(files.items()):
+        for node in ast.walk(ast.parse(text, rel)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    bad.append(f"evomerge/{rel}:{node.lineno} {node.name} has {n} lines (at most "
+                               f"{MAX_FUNCTION_LINES}): split it into steps that have names")
+    return bad
+
+
+def long_modules(files: dict[str, str]) -> list[str]:
+    """Every module in `files` longer than MAX_MODULE_LINES."""
+    return [f"evomerge/{rel} has {n} lines (at most {MAX_MODULE_LINES}): split it by responsibility"
+            for rel, text in sorted(files.items()) if (n := len(text.splitlines())) > MAX_MODULE_LINES]
+
+
 def test_dependencies_point_one_way():
     files = package_sources()
     assert "engine/merge.py" in files and "search/loop.py" in files  # the walk found the tree
@@ -172,6 +196,34 @@ def test_dependencies_point_one_way():
 
 def test_no_module_imports_itself_round_a_loop():
     assert import_cycles(package_sources()) == []
+
+
+def test_no_function_is_longer_than_the_limit():
+    assert long_functions(package_sources()) == []
+
+
+def test_no_module_is_longer_than_the_limit():
+    assert long_modules(package_sources()) == []
+
+
+def _function(lines: int, indent: str = "") -> str:
+    """A function of exactly `lines` lines (def line included)."""
+    return f"{indent}def f():\n" + "".join(f"{indent}    x = {i}\n" for i in range(lines - 1))
+
+
+def test_the_size_checkers_catch_planted_violations():
+    at_limit = _function(MAX_FUNCTION_LINES)
+    assert long_functions({"engine/merge.py": at_limit}) == []
+    found = long_functions({"engine/merge.py": _function(MAX_FUNCTION_LINES + 1)})
+    assert len(found) == 1 and f"f has {MAX_FUNCTION_LINES + 1} lines" in found[0], found
+    method = "class C:\n" + _function(MAX_FUNCTION_LINES + 1, indent="    ")
+    nested = "def outer():\n" + _function(MAX_FUNCTION_LINES + 1, indent="    ") + "    return f\n"
+    found = long_functions({"search/loop.py": method, "search/run.py": nested})
+    assert [f.split(" has ")[0] for f in found] == ["evomerge/search/loop.py:2 f", "evomerge/search/run.py:1 outer",
+                                                    "evomerge/search/run.py:2 f"], found
+    assert long_modules({"search/run.py": "x = 0\n" * MAX_MODULE_LINES}) == []
+    found = long_modules({"search/run.py": "x = 0\n" * (MAX_MODULE_LINES + 1)})
+    assert len(found) == 1 and f"{MAX_MODULE_LINES + 1} lines" in found[0], found
 
 
 def test_the_cycle_finder_finds_the_old_merge_modelcard_loop():
