@@ -175,8 +175,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, help="budget: finished trials in the study (default: the space's)")
     p.add_argument("--out", help="run folder (default: runs/<space name>)")
-    p.add_argument("--sampler", choices=["auto", "cmaes", "tpe", "nsga2", "random", "grid"],
-                   help="Optuna sampler (auto: CMA-ES for float spaces, TPE otherwise, NSGA-II multi-objective)")
+    p.add_argument("--sampler", choices=["auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid"],
+                   help="Optuna sampler (auto: CMA-ES for float spaces, TPE otherwise, NSGA-II multi-objective; "
+                        "gp: Gaussian-process Bayesian optimisation)")
     p.add_argument("--pruner", choices=["none", "median", "hyperband", "successive_halving"],
                    help="Optuna pruner; needs search.fidelity in the space")
     p.add_argument("--seed", type=int, help="sampler and subset seed")

@@ -137,12 +137,17 @@ def test_search_runs_budget_and_writes_run_folder(tmp_path):
     assert result.winner.scores["select"]["score"] == max(
         c.scores["select"]["score"] for c in result.candidates if "select" in c.scores)
     # report scored once, for the winner, the baseline, the three parents and the naive merges (uniform
-    # linear, TIES defaults, task arithmetic with lambda tuned on the search split; slerp is the baseline)
+    # linear, TIES, DARE-TIES and DELLA defaults, task arithmetic with lambda tuned on the search split;
+    # slerp is the baseline)
     report_jobs = [j for j in ex.jobs if j.split == "report"]
-    assert len(report_jobs) == 1 + 1 + 3 + 3
+    assert len(report_jobs) == 1 + 1 + 3 + 5
     assert {c.label for c in result.candidates if c.label.startswith("naive:")} == {
         "naive:linear (uniform)", "naive:ties (mergekit defaults, density 0.5)",
+        "naive:dare_ties (mergekit defaults, density 0.5)",
+        "naive:della (mergekit defaults, density 0.5, epsilon 0.15)",
         "naive:task_arithmetic (lambda tuned on search)"}
+    dare = next(c for c in result.candidates if c.label.startswith("naive:dare_ties"))
+    assert dare.recipe.random_seed == space.budget.seed  # a seeded draw: the report's model is reproducible
     assert len([j for j in ex.jobs if j.tag == "naive"]) == 6  # the lambda grid, on the search split
     assert {c.label for c in result.candidates if "report" in c.scores} >= {"parent:add", "parent:rev", "parent:base"}
     for name in ("best.yaml", "trials.csv", "report.md", "plots/history.png", "plots/winner_curves.png"):
@@ -225,6 +230,22 @@ def test_multi_objective_pareto(tmp_path):
     assert len(result.study.directions) == 2
     assert result.winner is not None
     assert (tmp_path / "run" / "plots" / "pareto.png").is_file()
+
+
+def test_gp_sampler_runs_after_its_random_start(tmp_path):
+    """`sampler: gp` (Gaussian-process Bayesian optimisation): the baseline and the random start, then
+    trials the GP proposes; the same seed proposes the same trials."""
+    import optuna
+
+    runs = []
+    for name in ("a", "b"):
+        space = make_space(tmp_path, trials=14, sampler="gp", seed=3)
+        result = run_search(space, tmp_path / name, executor=FakeExecutor(), progress=False, select=False,
+                            write=False)
+        assert isinstance(result.study.sampler, optuna.samplers.GPSampler)
+        assert result.study.user_attrs["sampler"] == "gp" and len(completed(result.study)) == 14
+        runs.append([t.params for t in result.study.trials])
+    assert runs[0] == runs[1]
 
 
 def test_parallel_slots_out_of_order(tmp_path):

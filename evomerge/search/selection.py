@@ -58,17 +58,31 @@ def select_and_report(study, space: SearchSpace, executor, *, log: Callable = pr
     """Re-score the top-k and the baselines on `select`; the best there wins. Then score the winner,
     the parents and the baselines on `report`. Cached in study user attributes."""
     scorer = Scorer(space, executor, log, progress)
-    by_number, baselines = _pool(study, space)
-    if not by_number:
-        return None, []
-    cands = list(by_number.values())
-    winner = _select(study, scorer, cands)
+    winner, cands, baselines = _choose(study, scorer)
     if winner is None:
         return None, cands
-    report = [winner] + [by_number[t.number] for t in baselines if t.number != winner.trial]
+    report = [winner] + [c for c in baselines if c is not winner]
     report = _report(study, scorer, winner, report, evidence)
     ordered = [winner] + [c for c in cands if c is not winner] + [c for c in report if c.trial is None]
     return winner, ordered
+
+
+def select_winner(study, space: SearchSpace, executor, *, log: Callable = print,
+                  progress: bool = False) -> tuple[Candidate | None, list[Candidate]]:
+    """Only the selection: the top-k and the baselines re-scored on `select` (cached), and the winner
+    (None when none could be scored). The report split is not touched (benchmarks that score the winner
+    their own way use this)."""
+    winner, cands, _ = _choose(study, Scorer(space, executor, log, progress))
+    return winner, cands
+
+
+def _choose(study, scorer: Scorer) -> tuple[Candidate | None, list[Candidate], list[Candidate]]:
+    """(winner or None, the select split's candidates, the baseline candidates among them)."""
+    by_number, baselines = _pool(study, scorer.space)
+    if not by_number:
+        return None, [], []
+    cands = list(by_number.values())
+    return _select(study, scorer, cands), cands, [by_number[t.number] for t in baselines]
 
 
 def _pool(study, space: SearchSpace) -> tuple[dict[int, Candidate], list]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evomerge.errors import ConfigError
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
-SAMPLERS = ("auto", "cmaes", "tpe", "nsga2", "random", "grid")
+SAMPLERS = ("auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 REST = "rest"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # model names, run names, filters
@@ -115,7 +115,7 @@ class Anchors(Strict):
 
 class Budget(Strict):
     trials: int = Field(50, ge=1)
-    sampler: Literal["auto", "cmaes", "tpe", "nsga2", "random", "grid"] = "auto"
+    sampler: Literal["auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid"] = "auto"
     pruner: Literal["none", "median", "hyperband", "successive_halving"] = "none"
     seed: int = 0
     limit: int | None = Field(None, ge=1)  # items of the search split per trial (seeded subset)

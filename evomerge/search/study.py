@@ -75,6 +75,12 @@ def make_sampler(space: SearchSpace, name: str, seed: int, workers: int = 1) -> 
             return s.TPESampler(seed=seed, multivariate=True, group=len(space.methods) > 1,
                                 constant_liar=workers > 1,
                                 n_startup_trials=max(5, min(10, space.budget.trials // 5)))
+    if name == "gp":
+        import warnings
+
+        with warnings.catch_warnings():  # flagged experimental in some optuna releases
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return s.GPSampler(seed=seed, n_startup_trials=max(5, min(10, space.budget.trials // 5)))
     if name == "nsga2":
         return s.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.budget.trials // 5)))
     if name == "random":
@@ -82,7 +88,7 @@ def make_sampler(space: SearchSpace, name: str, seed: int, workers: int = 1) -> 
     if name == "grid":
         return _AskTellGridSampler(grid_space(space), seed=seed)
     raise ConfigError(f"unknown sampler {name!r}", where="--sampler",
-                      fix="use one of auto, cmaes, tpe, nsga2, random, grid")
+                      fix="use one of auto, cmaes, tpe, gp, nsga2, random, grid")
 
 
 class _AskTellGridSampler(optuna.samplers.GridSampler):

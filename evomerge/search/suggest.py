@@ -197,11 +197,16 @@ def parent_recipes(space: SearchSpace) -> list[tuple[str, Any]]:
 
 
 NAIVE_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+# the sparsifying task-vector methods every result is compared with, at mergekit's defaults (weight 1) and
+# the density people type (mergekit's own default, 1, would not sparsify at all)
+NAIVE_SPARSE = (("ties", {"density": 0.5}), ("dare_ties", {"density": 0.5}),
+                ("della", {"density": 0.5, "epsilon": 0.15}))
 
 
 def naive_recipes(space: SearchSpace) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
     """The naive merges a result should beat, as (label, recipe): uniform linear over the models, slerp
-    t = 0.5 (two models), TIES at mergekit's defaults (with a base), and, second, the grid of task
+    t = 0.5 (two models), TIES, DARE-TIES and DELLA at mergekit's defaults (with a base; a method the
+    space searches has its own baseline trial instead), and, second, the grid of task
     arithmetic recipes (unit weights, lambda in NAIVE_LAMBDAS; with a base) whose best on the search
     split is the strongest simple baseline in the literature."""
     from evomerge.engine.recipe import MergeRecipe
@@ -220,11 +225,14 @@ def naive_recipes(space: SearchSpace) -> tuple[list[tuple[str, Any]], list[tuple
         fixed.append(("naive:slerp (t 0.5)", MergeRecipe.from_dict(
             {"merge_method": "slerp", "base_model": a.path, "models": [{"model": a.path}, {"model": b.path}],
              "parameters": {"t": 0.5}, **dtypes})))
-    if space.base is not None and models and "ties" not in searched:
-        entries = [{"model": m.path, "parameters": {"weight": 1.0, "density": 0.5}}
-                   for m in models]
-        fixed.append(("naive:ties (mergekit defaults, density 0.5)", MergeRecipe.from_dict(
-            {"merge_method": "ties", "base_model": space.base.path, "models": entries, **dtypes})))
+    for method, params in NAIVE_SPARSE:
+        if space.base is None or not models or method in searched:
+            continue
+        entries = [{"model": m.path, "parameters": {"weight": 1.0, **params}} for m in models]
+        seed = {"random_seed": space.budget.seed} if method != "ties" else {}  # DARE and DELLA draw
+        label = ", ".join(f"{k} {v:g}" for k, v in params.items())
+        fixed.append((f"naive:{method} (mergekit defaults, {label})", MergeRecipe.from_dict(
+            {"merge_method": method, "base_model": space.base.path, "models": entries, **seed, **dtypes})))
     if space.base is not None and models:
         for lam in NAIVE_LAMBDAS:
             grid.append((f"naive:task_arithmetic lambda {lam:g}", MergeRecipe.from_dict(
@@ -236,8 +244,9 @@ def naive_recipes(space: SearchSpace) -> tuple[list[tuple[str, Any]], list[tuple
 
 def reference_recipes(space: SearchSpace) -> list[tuple[str, dict]]:
     """(label, recipe dict) of the models `fitness: anchors` learns its anchor items from: the parents,
-    the baseline recipe of each method, and the fixed naive merges."""
+    the baseline recipe of each method, and the fixed naive merges that draw nothing (DARE's and DELLA's
+    random drops would only add noise to the references' answer patterns)."""
     refs = [(label, r.to_dict()) for label, r in parent_recipes(space)]
     refs += [(label, build_recipe(space, params).to_dict()) for label, params in baseline_params(space)]
-    refs += [(label, r.to_dict()) for label, r in naive_recipes(space)[0]]
+    refs += [(label, r.to_dict()) for label, r in naive_recipes(space)[0] if r.random_seed is None]
     return refs
