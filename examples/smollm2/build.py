@@ -225,6 +225,9 @@ def finetune(base: Path, out: Path, rows: list[dict], steps: int, lr: float, see
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
+    # one thread: the same weights on every machine (float sums depend on the thread split), and no
+    # slowdown on a busy machine (two threads fighting other work were 10x slower here)
+    torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.train()
