@@ -3,16 +3,18 @@
 Each subcommand has its own `_add_<name>` block (its flags) and dispatches to one library function (or,
 for a command with checks of its own flags, to its handler in `evomerge.commands`), imported lazily so
 that `evomerge --help` never imports torch, transformers, lm_eval or ray.
-`EvomergeError` (bad user input) becomes one line on stderr and exit code 2.
+`EvomergeError` (bad user input) becomes one line on stderr and exit code 2; a `ConfigWarning` (a key
+that has no effect) one `evomerge: warning:` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from evomerge import __version__
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigWarning, EvomergeError
 
 
 # --- merge / validate (merge engine) -------------------------------------------------------------
@@ -275,17 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A ConfigWarning as one line on stderr; any other warning as Python shows it."""
+    if issubclass(category, ConfigWarning):
+        print(f"evomerge: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EvomergeError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evomerge: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args) or 0)
+        except EvomergeError as exc:
+            print(f"evomerge: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("evomerge: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

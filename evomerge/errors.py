@@ -35,3 +35,9 @@ class CheckpointError(EvomergeError):
 
 class OutputError(EvomergeError):
     """The output location cannot be used (exists and is not empty, not writable)."""
+
+
+class ConfigWarning(UserWarning):
+    """A key or value that has no effect (mergekit ignores it too): the CLI prints one line per warning.
+
+    Raised with `warnings.warn(ConfigWarning(text))`; `evomerge.cli` shows it as `evomerge: warning: text`."""

@@ -87,7 +87,7 @@ def _big_tokenizer(tmp_path, fam):
 
 BAD = {
     # name: (recipe text, expected fragments in the one-line message)
-    "missing path": (TIES.replace("{e1}", "{e1}-nope"), ["models[1].model", "not found", "never downloads"]),
+    "missing path": (TIES.replace("{e1}", "{e1}-nope"), ["models[1].model", "not found", "looked at"]),
     "bin only": (TIES.replace("{e1}", "{binonly}"), ["models[1].model", "safetensors only"]),
     "architectures": (TIES.replace("{e1}", "{mistral}"), ["models[1].model", "architectures disagree"]),
     "shapes": (TIES.replace("{e1}", "{wide}"), ["shapes disagree"]),
@@ -109,8 +109,6 @@ BAD = {
                        ["merge_method", "unknown merge method 'tie'", "did you mean 'ties'"]),
     "unknown parameter": (TIES.replace("density: 0.7", "densty: 0.7"),
                           ["models[1].parameters.densty", "did you mean 'density'"]),
-    "global option per model": (TIES.replace("density: 0.7", "density: 0.7, normalize: false"),
-                                ["models[1].parameters.normalize", "global option"]),
     "layer range": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n"
                     "        layer_range: [0, 3]\n  - sources:\n      - model: {e0}\n        layer_range: [2, 5]\n",
                     ["slices[1].sources[0].layer_range", "out of bounds", "4 layers"]),
@@ -119,10 +117,12 @@ BAD = {
     "yaml syntax": (TIES + "parameters: [\n", ["not valid YAML"]),
     "missing weight": (TIES.replace("weight: 0.5, density: 0.7", "density: 0.7"),
                        ["models[1].parameters.weight", "missing required parameter 'weight'"]),
-    "union tokenizer": (TIES + "tokenizer_source: union\n", ["tokenizer_source", "not supported", "mergekit-yaml"]),
-    "tokenizer block": (TIES + "tokenizer:\n  source: union\n", ["tokenizer: block", "mergekit 0.1.5"]),
+    "tokenizer source and block": (TIES + "tokenizer_source: union\ntokenizer:\n  source: union\n",
+                                   ["tokenizer_source or the tokenizer: block, not both"]),
+    "token without a source": (TIES + "tokenizer:\n  source: base\n  tokens:\n    <new>: {{force: true}}\n",
+                               ["tokenizer.tokens['<new>'].source", "needs a source"]),
     "chat template name": (TIES + "chat_template: vicuna\n", ["chat_template", "unknown chat template name",
-                                                               "chatml or auto"]),
+                                                               "alpaca, chatml, exaone, llama3, mistral or auto"]),
     "duplicate key": (TIES + "parameters: {{normalize: true}}\nparameters: {{int8_mask: true}}\n",
                       ["recipe.yaml:10", "key 'parameters' is given twice (lines 9 and 10)", "merge the two"]),
     "linear weights sum zero": ("merge_method: linear\nmodels:\n  - model: {e0}\n    parameters: {{weight: 1.0}}\n"

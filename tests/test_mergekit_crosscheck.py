@@ -492,7 +492,8 @@ def test_resolution_rules_match_mergekit_evaluate_setting():
     from mergekit.config import ConditionalParameter as MkCond
     from mergekit.config import evaluate_setting as mk_eval
 
-    from evomerge.engine.recipe import ConditionalParameter, evaluate_setting
+    from evomerge.engine.parameters import evaluate_setting
+    from evomerge.engine.recipe import ConditionalParameter
 
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight", "model.norm.weight"]
     settings = [0.3, [0.0, 1.0], [0.2, 0.9, 0.4], [1, 0.7, 0.1, 0.5, 0.2], [0.5], [True, False, True]]

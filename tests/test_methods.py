@@ -527,8 +527,10 @@ def test_tunable_check_ranges_and_paths():
         weight.check(float("-inf"), "w")
     normalize = methods.get("ties").tunable("normalize")
     assert normalize.check(False, "n") is False
+    # mergekit's validation reads YAML's 1.0 / 0 / "yes" as bools for a bool parameter; so do we
+    assert normalize.check(1.0, "n") is True and normalize.check(0, "n") is False and normalize.check("yes", "n") is True
     with pytest.raises(ConfigError, match="true or false"):
-        normalize.check(1, "n")
+        normalize.check(0.5, "n")
 
 
 def test_check_params_names_unknown_with_suggestion():

@@ -8,14 +8,8 @@ import pytest
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.engine.recipe import (
-    ConditionalParameter,
-    MergeRecipe,
-    evaluate_setting,
-    layer_t,
-    load_recipe,
-    resolve_parameter,
-)
+from evomerge.engine.parameters import evaluate_setting, layer_t, resolve_parameter
+from evomerge.engine.recipe import ConditionalParameter, MergeRecipe, load_recipe
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = ["slerp_gradient.yaml", "ties.yaml", "passthrough.yaml", "dare_ties_seed.yaml"]
@@ -64,7 +58,8 @@ def test_random_seed_is_kept_and_written():
         ("merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n",
          "slices[0].sources[0].layer_range", None),
         ("merge_method: linear\nmodels:\n  - model: a\ndtype: fp16\n", "dtype", "bfloat16"),
-        ("merge_method: linear\nmodels:\n  - model: a\nmodules: {text: {}}\n", "modules", "not support"),
+        ("merge_method: linear\nmodules:\n  text:\n    models:\n      - model: a\n", "recipe", None),
+        ("merge_method: linear\nmodels:\n  - model: a\nmodules: {default: {models: [{model: a}]}}\n", "recipe", None),
     ],
 )
 def test_schema_errors_name_the_field(text, where, fix):

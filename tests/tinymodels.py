@@ -121,3 +121,38 @@ def _save(model, path: Path, tokenizer: bool) -> None:
         model.save_pretrained(str(path))
     if tokenizer:
         save_tokenizer(path)
+
+
+def with_new_tokens(src: str | os.PathLike, dst: str | os.PathLike, *, plain: tuple[str, ...] = (),
+                    added: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """A copy of model folder `src` whose tokenizer has more tokens, as a fine-tune that extended its
+    vocabulary: `plain` tokens in the BPE vocabulary, then `added` special tokens, each with a new random
+    row in every matrix indexed by token (embeddings, lm_head) and the config's vocab_size raised."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    n = max(max(vocab.values()), max(t["id"] for t in tj["added_tokens"])) + 1
+    for tok in plain:
+        vocab[tok], n = n, n + 1
+    for tok in added:
+        tj["added_tokens"].append({"id": n, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                                   "normalized": False, "special": True})
+        n += 1
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((dst / "config.json").read_text())
+    old, cfg["vocab_size"] = cfg["vocab_size"], n
+    (dst / "config.json").write_text(json.dumps(cfg))
+    state = load_file(str(dst / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for key, t in state.items():
+        if t.ndim == 2 and t.shape[0] == old:
+            state[key] = torch.cat([t, torch.randn((n - old, t.shape[1]), generator=gen).to(t.dtype)])
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

@@ -1,12 +1,13 @@
-"""Source checkpoints: open local Hugging Face folders once, read tensors lazily by name.
+"""Source checkpoints: open Hugging Face model folders once, read tensors lazily by name.
 
 A merge reads every tensor of every source exactly once per merge, and the search merges hundreds of
 times, so sources are opened once per process: config.json is parsed, the safetensors headers are read
 (names, shapes, dtypes; no tensor data), and tensor bytes are memory-mapped and materialised only when
-`tensor()` asks for one. Only safetensors are read (no pickle); nothing is ever downloaded.
+`tensor()` asks for one. Only safetensors are read (no pickle).
 
-Paths are taken as written in the recipe and, like mergekit, relative paths are resolved against the
-current working directory. A path that is not a local folder is an error naming the YAML field.
+Each model is named by a reference as the recipe writes it (a folder, a Hub id, `base+adapter`);
+`references.py` finds its folder first (a Hub id in the cache, or downloaded). A `base+adapter`
+checkpoint reads the base's tensors and applies the LoRA adapter to each one it changes (`lora.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from evomerge.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from evomerge.engine.lora import Adapter
+    from evomerge.engine.references import Location
 
 # 'model.layers.12.mlp.up_proj.weight' -> ('model.layers', 12, 'mlp.up_proj.weight')
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<suffix>.+)$")
@@ -70,6 +74,8 @@ class Checkpoint:
     layer_suffixes: list[str] = field(default_factory=list)  # in checkpoint order, from layer 0
     non_layer: list[str] = field(default_factory=list)  # in checkpoint order
     vocab_size: int | None = None  # the tokenizer's, when a tokenizer is present
+    location: "Location | None" = None  # where the reference pointed (folder, Hub origin, adapter)
+    adapter: "Adapter | None" = None  # a LoRA adapter applied to every tensor it changes, as read
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def layer_name(self, layer: int, suffix: str) -> str:
@@ -88,14 +94,16 @@ class Sources:
         self.device = device
         self.reads = reads
         self.cache: dict[Any, Any] = {}  # plan cache, owned by evomerge.engine.plan
+        self.located: dict[str, "Location"] = {}  # every located reference, tokenizer-only ones included
         self._fds: dict[Path, int] = {}
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, model_paths: Iterable[str] | Mapping[str, str], *, device: str = "cpu",
-             reads: str = "mmap") -> "Sources":
-        """Open every model folder. `model_paths` is a list of paths as written in the recipe, or a
-        mapping path -> YAML field (used in error messages).
+             reads: str = "mmap", locations: Mapping[str, "Location"] | None = None) -> "Sources":
+        """Open every model. `model_paths` is a list of references as written in the recipe (folders,
+        Hub ids, `base+adapter`), or a mapping reference -> YAML field (used in error messages).
+        `locations`: references already located (`references.locate_all`); the others are located here.
 
         `reads="mmap"` (default; the search): tensors are zero-copy views of the memory-mapped files,
         so repeated merges re-read nothing. `reads="copy"` (one-shot export): each tensor is read
@@ -105,8 +113,10 @@ class Sources:
             where = dict(model_paths)
         else:
             where = {m: "models" for m in model_paths}
-        ckpts = {name: _open_checkpoint(name, fld) for name, fld in where.items()}
-        return cls(ckpts, device=device, where=where, reads=reads)
+        ckpts = {name: _open_checkpoint(name, fld, (locations or {}).get(name)) for name, fld in where.items()}
+        sources = cls(ckpts, device=device, where=where, reads=reads)
+        sources.located = {**(locations or {}), **{n: ck.location for n, ck in ckpts.items()}}
+        return sources
 
     # --- queries ---------------------------------------------------------------------------------
     @property
@@ -150,14 +160,18 @@ class Sources:
             raise CheckpointError(f"tensor {name!r} not found", where=str(ck.path),
                                   fix="merge checkpoints of the same architecture") from None
         if self.reads == "copy":
-            return self._read_copy(ck, info)
-        handle = ck._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+            out = self._read_copy(ck, info)
+        else:
+            handle = ck._handles.get(info.file)
+            if handle is None:
+                from safetensors import safe_open
 
-            handle = safe_open(str(ck.path / info.file), framework="pt", device="cpu")
-            ck._handles[info.file] = handle
-        return handle.get_tensor(name)
+                handle = safe_open(str(ck.path / info.file), framework="pt", device="cpu")
+                ck._handles[info.file] = handle
+            out = handle.get_tensor(name)
+        if ck.adapter is not None and ck.adapter.changes(name):
+            out = ck.adapter.apply(name, out)
+        return out
 
     def _read_copy(self, ck: Checkpoint, info: TensorInfo) -> "torch.Tensor":
         import torch
@@ -186,139 +200,72 @@ class Sources:
             os.close(fd)
         self._fds.clear()
 
-    # --- compatibility -----------------------------------------------------------------------------
-    def check_compatible(self, models: Iterable[str] | None = None,
-                         where: Mapping[str, str] | None = None) -> None:
-        """Architectures, per-layer tensor names/shapes, non-layer tensors and vocab sizes agree."""
-        names = list(models) if models is not None else self.models
-        where = {**self.where, **(where or {})}
-        if len(names) < 2:
-            return
-        ref = self.checkpoint(names[0])
-        for other_name in names[1:]:
-            other = self.checkpoint(other_name)
-            fld = where.get(other_name, other_name)
-            if _arch(ref.config) != _arch(other.config):
-                raise CheckpointError(
-                    f"architectures disagree: {ref.name} is {_arch(ref.config)}, {other.name} is "
-                    f"{_arch(other.config)}", where=fld,
-                    fix="merge checkpoints of one architecture (fine-tunes of the same base)")
-            if set(ref.layer_suffixes) != set(other.layer_suffixes):
-                diff = sorted(set(ref.layer_suffixes) ^ set(other.layer_suffixes))
-                raise CheckpointError(
-                    f"per-layer tensors disagree between {ref.name} and {other.name} (e.g. {diff[0]!r})",
-                    where=fld, fix="merge checkpoints of one architecture")
-            for suffix in ref.layer_suffixes:
-                a = ref.tensors[ref.layer_name(0, suffix)].shape
-                b = other.tensors[other.layer_name(0, suffix)].shape
-                if a != b:
-                    raise CheckpointError(
-                        f"tensor shapes disagree for {ref.layer_name(0, suffix)}: {ref.name} has "
-                        f"{list(a)}, {other.name} has {list(b)}", where=fld,
-                        fix="merge checkpoints of the same size (fine-tunes of the same base)")
-            for name in ref.non_layer:
-                if name in other.tensors and ref.tensors[name].shape != other.tensors[name].shape:
-                    raise CheckpointError(
-                        f"tensor shapes disagree for {name}: {ref.name} has {list(ref.tensors[name].shape)}, "
-                        f"{other.name} has {list(other.tensors[name].shape)}", where=fld,
-                        fix="merge checkpoints of the same size; embeddings must have the same vocabulary")
-            rv, ov = ref.config.get("vocab_size"), other.config.get("vocab_size")
-            if rv is not None and ov is not None and rv != ov:
-                raise CheckpointError(
-                    f"vocab sizes disagree: {ref.name} has vocab_size {rv}, {other.name} has {ov}",
-                    where=fld, fix="merge models that share one tokenizer")
-            if ref.vocab_size is not None and other.vocab_size is not None and ref.vocab_size != other.vocab_size:
-                raise CheckpointError(
-                    f"tokenizer vocab sizes disagree: {ref.name} has {ref.vocab_size} tokens, "
-                    f"{other.name} has {other.vocab_size}", where=fld,
-                    fix="merge models that share one tokenizer (evomerge does not build union vocabularies)")
+    # --- compatibility (engine/compatibility.py) ----------------------------------------------------
+    def check_compatible(self, models: Iterable[str] | None = None, where: Mapping[str, str] | None = None,
+                         *, same_vocab: bool = True) -> None:
+        """Architectures, per-layer tensor names/shapes, non-layer tensors and (with `same_vocab`) vocab
+        sizes agree; see `compatibility.check_compatible`."""
+        from evomerge.engine.compatibility import check_compatible
 
+        check_compatible(self, list(models) if models is not None else self.models, {**self.where, **(where or {})},
+                         same_vocab=same_vocab)
 
-    # --- custom code ------------------------------------------------------------------------------
     def check_custom_code(self, models: Iterable[str] | None = None, *, allowed: bool, flag: str) -> None:
-        """Refuse a source whose config names its own Python code (`auto_map`) unless `allowed`: loading
-        it runs that code, and a merged config that keeps `auto_map` without the code loads nowhere.
-        When allowed, the code files must be in the folder (a remote `repo--module.Class` is refused)."""
-        for model in (list(models) if models is not None else self.models):
-            ck = self.checkpoint(model)
-            refs = auto_map_modules(ck.config)
-            if not refs:
-                continue
-            fld = self.where.get(model, model)
-            if not allowed:
-                raise CheckpointError(
-                    f"model {model!r} needs its own code (config.json auto_map: {', '.join(sorted(refs))}); "
-                    "evomerge neither runs nor copies a model's code unless told", where=fld,
-                    fix=f"pass {flag} if you trust the .py files in {ck.path}, or use a transformers-native "
-                        "checkpoint")
-            for ref in sorted(refs):
-                if "--" in ref:
-                    raise CheckpointError(
-                        f"model {model!r} points its auto_map at code in another repository ({ref!r})",
-                        where=fld, fix="put that code into the model folder and name it as module.Class")
-                if not (ck.path / code_file(ref)).is_file():
-                    raise CheckpointError(
-                        f"model {model!r} names code file {code_file(ref)} in auto_map, which is not in {ck.path}",
-                        where=fld, fix="copy the model's .py files into its folder")
+        """Refuse a source whose config names its own Python code unless `allowed`; see
+        `compatibility.check_custom_code`."""
+        from evomerge.engine.compatibility import check_custom_code
+
+        check_custom_code(self, list(models) if models is not None else self.models, allowed=allowed, flag=flag)
 
     def code_files(self, model: str) -> list[Path]:
         """The .py files a model's auto_map names (checked by `check_custom_code`)."""
+        from evomerge.engine.compatibility import auto_map_modules, code_file
+
         ck = self.checkpoint(model)
         return [ck.path / code_file(r) for r in sorted(auto_map_modules(ck.config))]
 
 
-def auto_map_modules(config: dict) -> set[str]:
-    """The code modules a config's `auto_map` names ("modeling_x.XForCausalLM" -> "modeling_x")."""
-    out = set()
-    for value in (config.get("auto_map") or {}).values():
-        for ref in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(ref, str) and "." in ref:
-                out.add(ref.rsplit(".", 1)[0])
-    return out
+def _open_checkpoint(name: str, where: str, location: "Location | None" = None) -> Checkpoint:
+    """Open the checkpoint a reference names: its folder's config and safetensors headers, and its
+    LoRA adapter's (checked against them)."""
+    if location is None:
+        from evomerge.engine.references import locate
 
-
-def code_file(module: str) -> str:
-    return module.split("--", 1)[-1].replace(".", "/") + ".py"
-
-
-def _arch(config: dict) -> str:
-    archs = config.get("architectures") or []
-    return ",".join(archs) if archs else str(config.get("model_type"))
-
-
-def resolve_model_path(model: str) -> Path:
-    """Where a recipe's model path points: as written, relative to the current folder (mergekit)."""
-    return Path(os.path.expanduser(model))
-
-
-def _open_checkpoint(name: str, where: str) -> Checkpoint:
-    path = resolve_model_path(name)
-    if not path.exists():
-        hint = ""
-        if "@" in name or "+" in name:
-            hint = " (revisions '@' and LoRA '+' references are not supported)"
-        raise CheckpointError(
-            f"model folder {name!r} not found{hint} (looked at {path.absolute()})", where=where,
-            fix="evomerge reads local folders only and never downloads: download the model first "
-                "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and give its path; "
-                "relative paths are resolved from the current folder, as in mergekit")
+        location = locate(name, where)
+    path = location.folder
     if not path.is_dir():
         raise CheckpointError(f"{name!r} is a file, not a model folder", where=where,
                               fix="give the folder that holds config.json and *.safetensors")
+    config = _read_config(path, name, where)
+    tensors = _read_headers(path, name, where)
+    ck = Checkpoint(name=name, path=path, config=config, tensors=tensors, location=location)
+    _index_layers(ck, where)
+    ck.vocab_size = _tokenizer_vocab_size(path)
+    if location.adapter is not None:
+        from evomerge.engine.lora import open_adapter
+
+        ck.adapter = open_adapter(location.adapter.folder, {k: i.shape for k, i in tensors.items()}, where)
+    return ck
+
+
+def _read_config(path: Path, name: str, where: str) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"no config.json in {name!r}", where=where,
                               fix="give a Hugging Face model folder (config.json + *.safetensors)")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"config.json of {name!r} is not valid JSON ({exc})", where=where,
                               fix="repair or re-download the checkpoint") from None
-    files = _weight_files(path, name, where)
-    tensors: dict[str, TensorInfo] = {}
+
+
+def _read_headers(path: Path, name: str, where: str) -> dict[str, TensorInfo]:
+    """Every tensor's header facts from the folder's safetensors files (no data)."""
     from safetensors import safe_open
 
-    for file, wanted in files.items():
+    tensors: dict[str, TensorInfo] = {}
+    for file, wanted in _weight_files(path, name, where).items():
         try:
             # safe_open validates the file (header, offsets, sizes); our own header read adds offsets.
             with safe_open(str(path / file), framework="pt", device="cpu") as f:
@@ -331,8 +278,6 @@ def _open_checkpoint(name: str, where: str) -> Checkpoint:
                     start, nbytes = offsets[key]
                     tensors[key] = TensorInfo(file=file, shape=tuple(sl.get_shape()), dtype=dtype,
                                               start=start, nbytes=nbytes)
-        except CheckpointError:
-            raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read {file} in {name!r} ({exc})", where=where,
                                   fix="the file is damaged or not safetensors; re-download or re-save it") from None
@@ -345,10 +290,7 @@ def _open_checkpoint(name: str, where: str) -> Checkpoint:
     if not tensors:
         raise CheckpointError(f"no tensors in the safetensors files of {name!r}", where=where,
                               fix="give a folder with model weights")
-    ck = Checkpoint(name=name, path=path, config=config, tensors=tensors)
-    _index_layers(ck, where)
-    ck.vocab_size = _tokenizer_vocab_size(path)
-    return ck
+    return tensors
 
 
 def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:

@@ -111,8 +111,9 @@ def _execute(p: MergePlan, sink: Any, sources: "Sources", *, progress: bool, dev
 
 
 def _compute(method: "MergeMethod", sources: "Sources", device: str, task: TensorTask) -> "torch.Tensor":
-    """One output tensor: its inputs read (moved to `device`, cast to the load dtype), merged with the
-    tensor's own generator, cast to its output dtype."""
+    """One output tensor: its inputs read (moved to `device`, cast to the load dtype, re-indexed to the
+    output vocabulary when the recipe chose one), merged with the tensor's own generator, cast to its
+    output dtype."""
     import torch
 
     tensors = {}
@@ -123,6 +124,8 @@ def _compute(method: "MergeMethod", sources: "Sources", device: str, task: Tenso
         if task.load_dtype is not None and x.dtype != getattr(torch, task.load_dtype):
             x = x.to(getattr(torch, task.load_dtype))
         tensors[model] = x
+    if task.vocabulary is not None:  # rows re-indexed to the recipe's output vocabulary
+        tensors = task.vocabulary.rows(tensors, task.base)
     generator = None
     if task.seed is not None:
         generator = torch.Generator(device=device).manual_seed(task.seed)

@@ -29,49 +29,35 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _open_for(recipe: MergeRecipe, device: str = "cpu", reads: str = "mmap") -> "Sources":
+    """Every reference of the recipe located first (Hub ids from the cache or downloaded, one line on
+    stderr each saying which commit), then the merged models opened."""
     from evomerge.engine.checkpoints import Sources
+    from evomerge.engine.references import locate_all, stderr_line
 
     where = recipe.model_fields_paths()
-    models = {m: where[m] for m in recipe.referenced_models()}
-    return Sources.open(models, device=device, reads=reads)
+    merged = recipe.referenced_models()
+    located = locate_all(where, log=stderr_line, weights={m: m in merged for m in where})
+    return Sources.open({m: where[m] for m in merged}, device=device, reads=reads, locations=located)
 
 
-def _tokenizer_dir(recipe: MergeRecipe, p: MergePlan, sources: "Sources") -> Path:
-    from evomerge.engine.checkpoints import resolve_model_path
-
-    ts = recipe.tokenizer_source
-    if ts is None:
-        return sources.path(p.donor)
-    if ts == "base":
-        return sources.path(recipe.base_model)
-    path = resolve_model_path(ts)
-    if not path.is_dir():
-        raise CheckpointError(f"tokenizer_source folder {ts!r} not found (looked at {path.absolute()})",
-                              where="tokenizer_source",
-                              fix="give base, or the local folder of a model whose tokenizer to use")
-    return path
+def _tokenizer(p: MergePlan, sources: "Sources") -> tuple[Path | None, int | None]:
+    """(the folder whose tokenizer files the output copies, or None when the plan's vocabulary writes a
+    new tokenizer; the output's token count, when known)."""
+    if p.vocabulary is not None:
+        return (None if p.vocabulary.changed else p.vocabulary.folder), len(p.vocabulary.vocab)
+    return sources.path(p.donor), sources.checkpoint(p.donor).vocab_size
 
 
-def _check_tokenizer(tok_dir: Path, p: MergePlan, sources: "Sources", where: str) -> int | None:
-    from evomerge.engine.checkpoints import _tokenizer_vocab_size
-
-    n = _tokenizer_vocab_size(tok_dir)
-    if n is None:
-        return None
-    emb = next((t.spec for t in p.tasks if "embed_tokens" in t.name), None)
-    rows = emb.shape[0] if emb is not None and emb.shape else None
-    if rows is not None and n > rows:
-        raise CheckpointError(
-            f"the tokenizer in {tok_dir} has {n} tokens but the merged embeddings have {rows} rows",
-            where=where, fix="use the tokenizer of one of the merged models (tokenizer_source: base)")
-    for m in sources.models:
-        other = sources.checkpoint(m).vocab_size
-        if other is not None and other != n:
-            raise CheckpointError(
-                f"tokenizer vocab sizes disagree: {tok_dir} has {n} tokens, {m} has {other}",
-                where=where, fix="merge models that share one tokenizer")
-    return n
-
+def _write_tokenizer(tmp: Path, recipe: MergeRecipe, p: MergePlan, sources: "Sources") -> None:
+    """Generation config from the donor; tokenizer files copied, or the new vocabulary's tokenizer
+    saved; the recipe's chat template written into it."""
+    tok_dir, _ = _tokenizer(p, sources)
+    copy_side_files(tmp, config_from=sources.path(p.donor), tokenizer_from=tok_dir)
+    if tok_dir is None:
+        p.vocabulary.tokenizer.save_pretrained(str(tmp))
+    template = chat_template_text(recipe, sources) if recipe.chat_template else None
+    if template:
+        write_chat_template(tmp, template)
 
 
 def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -101,9 +87,6 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
     sources = _open_for(recipe, device, reads="copy")
     sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
     p = plan(recipe, sources)
-    tok_dir = _tokenizer_dir(recipe, p, sources)
-    _check_tokenizer(tok_dir, p, sources, "tokenizer_source" if recipe.tokenizer_source else
-                     recipe.model_fields_paths().get(p.donor, "models"))
     check_out(out, overwrite, sources)
 
     try:
@@ -116,9 +99,7 @@ def merge_to_dir(config_path: str | os.PathLike, out: str | os.PathLike, *, over
             for code in sources.code_files(p.donor):  # the config's auto_map points at these
                 (tmp / code.relative_to(donor_dir)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(code, tmp / code.relative_to(donor_dir))
-            copy_side_files(tmp, config_from=donor_dir, tokenizer_from=tok_dir)
-            if recipe.chat_template:
-                write_chat_template(tmp, chat_template_text(recipe, sources))
+            _write_tokenizer(tmp, recipe, p, sources)
             (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
             (tmp / "README.md").write_text(render_card(card_facts(recipe, recipe_text, p, sources, out.name)),
                                            encoding="utf-8")
@@ -138,11 +119,14 @@ def card_facts(recipe: MergeRecipe, recipe_text: str, p: MergePlan, sources: "So
     listed = []
     for m in recipe.referenced_models():
         ck = sources.checkpoint(m)
+        origins = ck.location.origins() if ck.location is not None else []
         listed.append(SourceFacts(model=m, is_base=m == recipe.base_model, n_tensors=len(ck.tensors),
-                                  nbytes=sum(nbytes(i.shape, i.dtype) for i in ck.tensors.values())))
+                                  nbytes=sum(nbytes(i.shape, i.dtype) for i in ck.tensors.values()),
+                                  origins=tuple(f"{role} {o.describe()}" for role, o in origins)))
+    base = sources.checkpoint(recipe.base_model) if recipe.base_model else None
+    base_repo = base.location.origin.repo if base and base.location and base.location.origin else None
     return CardFacts(name=name, method=recipe.merge_method, reference_url=p.method.reference_url,
-                     base_model=hub_id(recipe.base_model, sources.config(recipe.base_model) if recipe.base_model
-                                       else None),
+                     base_model=base_repo or hub_id(recipe.base_model, base.config if base else None),
                      recipe_text=recipe_text, sources=tuple(listed),
                      n_tensors=len(p.tasks), num_layers=p.num_layers, nbytes=p.nbytes, donor=p.donor)
 
@@ -158,8 +142,7 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
     try:
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         p = plan(recipe, sources)
-        tok_dir = _tokenizer_dir(recipe, p, sources)
-        n_tok = _check_tokenizer(tok_dir, p, sources, "tokenizer_source" if recipe.tokenizer_source else "models")
+        tok_dir, n_tok = _tokenizer(p, sources)
     finally:
         sources.close()
     n_models = len(recipe.referenced_models())
@@ -168,7 +151,8 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
         f"ok: {config_path}",
         f"  method      {method.name} over {n_models} model(s)" + (f", base {recipe.base_model}" if recipe.base_model else ""),
         f"  output      {len(p.tasks)} tensors, {p.num_layers} layers, {', '.join(dtypes)}, {human_bytes(p.nbytes)}",
-        f"  config from {p.donor}; tokenizer from {tok_dir}" + (f" ({n_tok} tokens)" if n_tok else ""),
+        f"  config from {p.donor}; tokenizer " + (f"from {tok_dir}" if tok_dir else
+                                                  f"{recipe.tokenizer_choice} (built)") + (f" ({n_tok} tokens)" if n_tok else ""),
     ]
     if method.uses_generator:
         seed = recipe.random_seed if recipe.random_seed is not None else DEFAULT_SEED

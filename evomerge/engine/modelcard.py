@@ -23,6 +23,7 @@ class SourceFacts:
     is_base: bool
     n_tensors: int
     nbytes: int
+    origins: tuple[str, ...] = ()  # Hub parts: "model org/name@main (commit ...)", "adapter ..."
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def render_card(facts: CardFacts) -> str:
     ]
     for s in facts.sources:
         role = " (base)" if s.is_base else ""
-        lines.append(f"- `{s.model}`{role}: {s.n_tensors} tensors, {s.nbytes / 1e6:.1f} MB")
+        hub = "; from the Hub: " + ", ".join(s.origins) if s.origins else ""
+        lines.append(f"- `{s.model}`{role}: {s.n_tensors} tensors, {s.nbytes / 1e6:.1f} MB{hub}")
     lines += [
         "",
         "## Output",

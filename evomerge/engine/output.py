@@ -69,11 +69,11 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
-def copy_side_files(folder: Path, *, config_from: Path, tokenizer_from: Path) -> None:
-    """The generation config of `config_from` and the tokenizer files of `tokenizer_from`."""
+def copy_side_files(folder: Path, *, config_from: Path, tokenizer_from: Path | None) -> None:
+    """The generation config of `config_from` and the tokenizer files of `tokenizer_from` (if given)."""
     if (config_from / "generation_config.json").is_file():
         shutil.copyfile(config_from / "generation_config.json", folder / "generation_config.json")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if tokenizer_from is not None else ():
         if (tokenizer_from / name).is_file():
             shutil.copyfile(tokenizer_from / name, folder / name)
 

@@ -17,13 +17,12 @@ How mergekit 0.1.5 lays out a merge, and so how we do:
 - Tensors are read in their stored dtype and cast to `dtype` when set; the method computes in the
   promoted input dtype (upcasting internally where mergekit does); the result is cast to `out_dtype`
   when set. The output config's dtype is `out_dtype`, else `dtype`, else the donor's.
-- The output config, generation config and (unless `tokenizer_source` says otherwise) tokenizer come
-  from the base model, else the first model; with slices its layer count is the sum of the slices.
-- `tokenizer_source` (`base` or a model folder) only chooses which tokenizer files are copied. The
-  sources must share one vocabulary (checked), so embeddings are merged row for row. mergekit instead
-  rebuilds embeddings for the chosen tokenizer's vocabulary; that is the same result when the
-  tokenizers agree, except that it trims padded embedding rows beyond the tokenizer's size, which
-  evomerge keeps. `union` is refused.
+- The output config, generation config and tokenizer come from the base model, else the first model;
+  with slices its layer count is the sum of the slices.
+- Without `tokenizer_source` or a `tokenizer:` block the sources must share one vocabulary (checked)
+  and embeddings are merged row for row. With one, the output vocabulary is built first
+  (`vocabulary.py`) and every matrix indexed by token is re-indexed to it before the method merges
+  it, as mergekit does; the output config's vocab_size is its row count.
 
 DARE randomness: each output tensor gets its own `torch.Generator` seeded from (the recipe's
 `random_seed`, default 0, and the tensor name), so a recipe always gives the same tensors, in memory
@@ -40,12 +39,14 @@ from typing import TYPE_CHECKING
 
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.engine.chat_template import chat_template_text
-from evomerge.engine.recipe import MergeRecipe, layer_t, resolve_parameter, setting_scalars, to_float
+from evomerge.engine.parameters import layer_t, resolve_parameter, setting_scalars, to_float
+from evomerge.engine.recipe import MergeRecipe
 from evomerge.engine.sinks import TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from evomerge.engine.checkpoints import Checkpoint, Sources
     from evomerge.engine.methods import MergeMethod
+    from evomerge.engine.vocabulary import Vocabulary
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
 DEFAULT_SEED = 0
@@ -79,6 +80,7 @@ class TensorTask:
     load_dtype: str | None
     spec: TensorSpec
     seed: int | None
+    vocabulary: "Vocabulary | None" = None  # set for embedding/output matrices re-indexed to a new vocabulary
 
 
 @dataclass
@@ -90,6 +92,7 @@ class MergePlan:
     out_config: dict
     num_layers: int
     slices: list[NormSlice] = field(default_factory=list)
+    vocabulary: "Vocabulary | None" = None  # the recipe's tokenizer_source / tokenizer: block
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -110,6 +113,7 @@ class _Slot:
     t: float
     load_dtype: str | None
     spec: TensorSpec
+    vocab: bool = False  # rows indexed by token: re-indexed when the recipe chooses a vocabulary
 
 
 # --- static checks (no sources) ---------------------------------------------------------------------
@@ -127,28 +131,16 @@ def check_recipe(recipe: MergeRecipe) -> "MergeMethod":
                 where=where, fix=f"move {name} to the top-level parameters (or the slice's parameters)")
         for value, at in setting_scalars(setting, where):
             tunable.check(to_float(value) if tunable.type == "float" else value, at)
-    if recipe.models:
-        method.check_models([m.model for m in recipe.models], recipe.base_model, where="models",
+    body = recipe.body_path
+    if recipe.input_models:
+        method.check_models([m.model for m in recipe.input_models], recipe.base_model, where=f"{body}models",
                             append_base=True)
     else:
-        for i, s in enumerate(recipe.slices or []):
+        for i, s in enumerate(recipe.output_slices or []):
             method.check_models([src.model for src in s.sources], s.base_model or recipe.base_model,
-                                where=f"slices[{i}].sources", append_base=False)
-    if recipe.tokenizer_source == "union":
-        raise ConfigError("tokenizer_source: union (mergekit 0.1.5 builds a union vocabulary and new embedding rows) "
-                          "is not supported by evomerge", where="tokenizer_source",
-                          fix="merge models that share a tokenizer and use tokenizer_source: base or a model path, "
-                              "or run this recipe with mergekit-yaml")
-    if recipe.tokenizer is not None:
-        raise ConfigError("the tokenizer: block (mergekit 0.1.5: a union or chosen vocabulary with per-token "
-                          "embedding sources) is not supported by evomerge", where="tokenizer",
-                          fix="merge models that share a tokenizer and use tokenizer_source: base or a model path, "
-                              "or run this recipe with mergekit-yaml")
+                                where=f"{body}slices[{i}].sources", append_base=False)
     if recipe.chat_template is not None:
         chat_template_text(recipe, None)  # a name we do not know, or text that is no template
-    if recipe.tokenizer_source == "base" and not recipe.base_model:
-        raise ConfigError("tokenizer_source: base needs a base_model", where="tokenizer_source",
-                          fix="add base_model, or give a model path as tokenizer_source")
     return method
 
 
@@ -161,7 +153,7 @@ def plan(recipe: MergeRecipe, sources: "Sources") -> MergePlan:
     if cached is None:
         cached = _structure(recipe, method, sources)
         sources.cache[("plan-structure", key)] = cached
-    slices, slots, donor, out_config, num_layers = cached
+    slices, slots, donor, out_config, num_layers, vocabulary = cached
     seed = None
     if method.uses_generator:
         seed = recipe.random_seed if recipe.random_seed is not None else DEFAULT_SEED
@@ -175,9 +167,10 @@ def plan(recipe: MergeRecipe, sources: "Sources") -> MergePlan:
         tasks.append(TensorTask(
             name=slot.name, inputs=slot.inputs, base=base, model_params=model_params,
             global_params=global_params, load_dtype=slot.load_dtype, spec=slot.spec,
-            seed=None if seed is None else tensor_seed(seed, slot.name)))
+            seed=None if seed is None else tensor_seed(seed, slot.name),
+            vocabulary=vocabulary if slot.vocab else None))
     return MergePlan(recipe=recipe, method=method, tasks=tasks, donor=donor, out_config=out_config,
-                     num_layers=num_layers, slices=slices)
+                     num_layers=num_layers, slices=slices, vocabulary=vocabulary)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -189,29 +182,31 @@ def tensor_seed(seed: int, name: str) -> int:
 def _structure_key(recipe: MergeRecipe) -> str:
     shape = {
         "base": recipe.base_model, "dtype": recipe.dtype, "out_dtype": recipe.out_dtype,
-        "models": [m.model for m in recipe.models or []],
+        "models": [m.model for m in recipe.input_models or []],
         "slices": [[s.base_model, [(src.model, list(src.layer_range)) for src in s.sources]]
-                   for s in recipe.slices or []],
+                   for s in recipe.output_slices or []],
         "method": recipe.merge_method,
+        "tokenizer": [recipe.tokenizer_source, recipe.tokenizer.model_dump(mode="json") if recipe.tokenizer else None],
     }
     return json.dumps(shape, sort_keys=True)
 
 
 def _normalize(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources") -> list[NormSlice]:
-    if recipe.models:
+    body = recipe.body_path
+    if recipe.input_models:
         srcs = []
-        for i, m in enumerate(recipe.models):
-            srcs.append(SliceSource(m.model, 0, sources.num_layers(m.model), f"models[{i}]"))
-        if recipe.base_model and recipe.base_model not in {m.model for m in recipe.models}:
+        for i, m in enumerate(recipe.input_models):
+            srcs.append(SliceSource(m.model, 0, sources.num_layers(m.model), f"{body}models[{i}]"))
+        if recipe.base_model and recipe.base_model not in {m.model for m in recipe.input_models}:
             srcs.append(SliceSource(recipe.base_model, 0, sources.num_layers(recipe.base_model), "base_model"))
         counts = {s.end for s in srcs}
         if len(counts) > 1:
             detail = ", ".join(f"{s.model}: {s.end}" for s in srcs)
-            raise CheckpointError(f"the models have different layer counts ({detail})", where="models",
+            raise CheckpointError(f"the models have different layer counts ({detail})", where=f"{body}models",
                                   fix="use slices: with layer_range to pick matching layers")
-        return [NormSlice(tuple(srcs), recipe.base_model, "models")]
+        return [NormSlice(tuple(srcs), recipe.base_model, f"{body}models")]
     out = []
-    for i, s in enumerate(recipe.slices or []):
+    for i, s in enumerate(recipe.output_slices or []):
         srcs = []
         for j, src in enumerate(s.sources):
             n = sources.num_layers(src.model)
@@ -219,10 +214,10 @@ def _normalize(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources") -
             if end > n:
                 raise ConfigError(
                     f"layer_range {list(src.layer_range)} is out of bounds: {src.model} has {n} layers",
-                    where=f"slices[{i}].sources[{j}].layer_range",
+                    where=f"{body}slices[{i}].sources[{j}].layer_range",
                     fix=f"use a range within [0, {n}] (the end is exclusive)")
-            srcs.append(SliceSource(src.model, start, end, f"slices[{i}].sources[{j}]"))
-        out.append(NormSlice(tuple(srcs), s.base_model or recipe.base_model, f"slices[{i}]"))
+            srcs.append(SliceSource(src.model, start, end, f"{body}slices[{i}].sources[{j}]"))
+        out.append(NormSlice(tuple(srcs), s.base_model or recipe.base_model, f"{body}slices[{i}]"))
     return out
 
 
@@ -236,15 +231,34 @@ def _structure(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources"):
     if missing:
         raise CheckpointError(f"model {missing[0]!r} was not opened", where=where.get(missing[0]),
                               fix="open Sources with every model the recipe names")
-    sources.check_compatible(referenced, where=where)
+    sources.check_compatible(referenced, where=where, same_vocab=recipe.tokenizer_choice is None)
     slices = _normalize(recipe, method, sources)
     donor = recipe.base_model or slices[0].sources[0].model
     dck = sources.checkpoint(donor)
-    slots = _Slots(recipe, sources, slices, donor, where)
+    vocabulary = None
+    if recipe.tokenizer_choice is not None:
+        from evomerge.engine.vocabulary import build_vocabulary
+
+        vocabulary = build_vocabulary(recipe, sources, lambda model: _tokenizer_folder(model, sources, where))
+    slots = _Slots(recipe, sources, slices, donor, where, vocabulary)
     slots.non_layer(slices[0], 0, pre=True)
     out_layer = slots.layers(dck)
     slots.non_layer(slices[-1], len(slices) - 1, pre=False)
-    return slices, slots.slots, donor, _out_config(recipe, dck.config, out_layer), out_layer
+    out_config = _out_config(recipe, dck.config, out_layer)
+    if vocabulary is not None:
+        out_config["vocab_size"] = vocabulary.size
+    return slices, slots.slots, donor, out_config, out_layer, vocabulary
+
+
+def _tokenizer_folder(model: str, sources: "Sources", where: dict[str, str]):
+    """The folder of a model that gives only the tokenizer (opened models give their own)."""
+    if model in sources:
+        return sources.path(model)
+    if model in sources.located:
+        return sources.located[model].folder
+    from evomerge.engine.references import locate
+
+    return locate(model, where.get(model, "tokenizer_source"), weights=False).folder
 
 
 class _Slots:
@@ -252,14 +266,15 @@ class _Slots:
     (embeddings), every layer of every slice renumbered, the last slice's non-layer tensors."""
 
     def __init__(self, recipe: MergeRecipe, sources: "Sources", slices: list[NormSlice], donor: str,
-                 where: dict[str, str]):
+                 where: dict[str, str], vocabulary: "Vocabulary | None" = None):
         self.recipe, self.sources, self.slices, self.donor, self.where = recipe, sources, slices, donor, where
+        self.vocabulary = vocabulary
         self.slots: list[_Slot] = []
 
-    def add(self, name: str, inputs: list[tuple[str, str]], slice_index: int, t: float) -> None:
+    def add(self, name: str, inputs: list[tuple[str, str]], slice_index: int, t: float, vocab: bool = False) -> None:
         sources, recipe = self.sources, self.recipe
         infos = [sources.info(m, n) for m, n in inputs]
-        shapes = {i.shape for i in infos}
+        shapes = {i.shape[1:] if vocab else i.shape for i in infos}
         if len(shapes) > 1:
             detail = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, infos))
             raise CheckpointError(f"tensor shapes disagree for {name} ({detail})",
@@ -272,7 +287,8 @@ class _Slots:
             out_dtype = recipe.out_dtype or _promote(dts)
         else:
             out_dtype = dts[0]
-        self.slots.append(_Slot(name, tuple(inputs), slice_index, t, load, TensorSpec(name, infos[0].shape, out_dtype)))
+        shape = (self.vocabulary.size, *infos[0].shape[1:]) if vocab else infos[0].shape
+        self.slots.append(_Slot(name, tuple(inputs), slice_index, t, load, TensorSpec(name, shape, out_dtype), vocab))
 
     def non_layer(self, names_from: NormSlice, slice_index: int, pre: bool) -> None:
         """The tensors outside the layers (embeddings if `pre`, else final norm and lm_head)."""
@@ -299,7 +315,18 @@ class _Slots:
                 else:
                     raise CheckpointError(f"{m} has no tensor {name}", where=self.where.get(m),
                                           fix="merge checkpoints of the same architecture")
-            self.add(name, inputs, slice_index, 0.0)
+            self.add(name, inputs, slice_index, 0.0, vocab=self._by_token(inputs))
+
+    def _by_token(self, inputs: list[tuple[str, str]]) -> bool:
+        """Whether a non-layer tensor's rows are indexed by token (each input's first dimension is its
+        config's vocab_size), so that a chosen vocabulary re-indexes it."""
+        if self.vocabulary is None:
+            return False
+        for model, name in inputs:
+            shape = self.sources.info(model, name).shape
+            if len(shape) != 2 or shape[0] != self.sources.config(model).get("vocab_size"):
+                return False
+        return True
 
     def layers(self, dck: "Checkpoint") -> int:
         """Every layer of every slice, renumbered (`dck`: the donor, whose layer names are written).
@@ -325,7 +352,7 @@ def _out_config(recipe: MergeRecipe, donor_config: dict, num_layers: int) -> dic
     # a merged float model is not quantized: a donor's quantization_config (a GGUF or bitsandbytes
     # conversion leaves one) would make every later load try to dequantize it
     out_config.pop("quantization_config", None)
-    if recipe.slices:
+    if recipe.output_slices:
         out_config["num_hidden_layers"] = num_layers
         if "n_layer" in out_config:
             out_config["n_layer"] = num_layers
@@ -365,27 +392,28 @@ class _Resolver:
         self.method = method
         self.slices = slices
         self.top = recipe.parameters
+        self.module = recipe.module_parameters
         # per slice: (slice parameters, {model: that source's own parameters})
         self.scopes: list[tuple[dict | None, dict[str, dict | None]]] = []
-        if recipe.models:
-            own = {m.model: m.parameters for m in recipe.models}
+        if recipe.input_models:
+            own = {m.model: m.parameters for m in recipe.input_models}
             self.scopes.append((None, own))
         else:
-            for sl in recipe.slices or []:
+            for sl in recipe.output_slices or []:
                 self.scopes.append((sl.parameters, {src.model: src.parameters for src in sl.sources}))
 
     def resolve(self, slot: _Slot, base: str | None) -> tuple[dict[str, dict], dict]:
         sl = self.slices[slot.slice_index]
         slice_params, own = self.scopes[slot.slice_index]
         method = self.method
-        shared_scopes = (slice_params, self.top)
+        shared_scopes = (slice_params, self.module, self.top)
         global_params = {}
         for tun in method.global_params:
             value = resolve_parameter(tun.name, shared_scopes, slot.name, slot.t, _coercer(tun))
             if value is None:
                 if tun.required:
                     raise ConfigError(f"missing required parameter {tun.name!r} for {method.name}",
-                                      where=f"{sl.where}.parameters" if self.recipe.slices else "parameters",
+                                      where=f"{sl.where}.parameters" if self.recipe.output_slices else "parameters",
                                       fix=f"add {tun.name} to the parameters")
                 value = tun.default
             global_params[tun.name] = value
@@ -393,7 +421,7 @@ class _Resolver:
         by_model = {s.model: s for s in sl.sources}
         for model, in_name in slot.inputs:
             src = by_model[model]
-            scopes = (own.get(model), slice_params, self.top)
+            scopes = (own.get(model), slice_params, self.module, self.top)
             params = {}
             for tun in method.params_for(model, base):
                 value = resolve_parameter(tun.name, scopes, in_name, slot.t, _coercer(tun))
@@ -414,11 +442,16 @@ class _Resolver:
 
 
 def _coercer(tunable):
+    """A value as the method reads it (mergekit's validation: numeric text is a float, 1.0 a true bool)."""
     if tunable.type == "float":
         def coerce(v):
             v = to_float(v)
             return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         return coerce
+    if tunable.type == "bool":
+        from evomerge.engine.methods.base import truthy
+
+        return lambda v: v if truthy(v) is None else truthy(v)
     return lambda v: v
 
 

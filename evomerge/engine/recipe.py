@@ -1,19 +1,13 @@
-"""A merge recipe is mergekit's YAML schema; this module reads, writes and resolves it.
+"""A merge recipe is mergekit's YAML schema; this module reads and writes it.
 
-`MergeRecipe` mirrors mergekit 0.1.5's `MergeConfiguration` (the subset evomerge executes) with
-`extra="forbid"` everywhere, so a typo is an error with its field path instead of a silently ignored
-key. `to_yaml` writes short YAML mergekit-yaml accepts (number lists in flow style, `# ...` header
-comments), and `from_yaml(to_yaml(r)) == r`.
-
-Parameter resolution (`resolve_parameter`, `evaluate_setting`) follows mergekit exactly:
-- scopes are searched from most to least specific (a slice source's / model's own `parameters`, then
-  the output slice's, then the top-level `parameters`); the first scope that yields a value wins;
-- a gradient (list of numbers) is read at position t in [0, 1]: `scaled = t * (n - 1)`, linear between
-  `values[int(scaled)]` and the next one; t is `i / (layers_in_slice - 1)` for the i-th layer of an
-  output slice (1 when the slice has one layer) and 0 for non-layer tensors (embeddings, final norm,
-  lm_head), so those take a gradient's first value;
-- a list of `{filter, value}` is searched in order and the first entry whose filter is absent, `"*"`,
-  or a substring of the tensor name wins; if none matches, the next scope is searched.
+`MergeRecipe` mirrors mergekit 0.1.5's `MergeConfiguration` with `extra="forbid"` everywhere: `models:`,
+`slices:` or `modules: {default: ...}`, parameters, dtypes, `tokenizer_source` or the `tokenizer:`
+block (`source`, `tokens`, `pad_to_multiple_of`), `chat_template`, and a top-level `name:` (mergekit's
+multi-merge files name each merge; it changes nothing). Before the schema sees a file, `keys.py` sorts
+out the keys mergekit would silently ignore (a warning each) from typos (one error naming them all).
+`to_yaml` writes short YAML mergekit-yaml accepts (number lists in flow style, `# ...` header
+comments), and `from_yaml(to_yaml(r)) == r`. How a parameter's value is found for one tensor is
+`parameters.py`.
 
 `random_seed` is evomerge's one extension (mergekit takes `--random-seed` on its command line instead).
 mergekit 0.1.5 ignores unknown top-level keys, so a recipe carrying it still runs under mergekit-yaml.
@@ -21,11 +15,9 @@ mergekit 0.1.5 ignores unknown top-level keys, so a recipe carrying it still run
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Union
+from typing import Any, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError, field_validator, model_validator
@@ -39,6 +31,7 @@ Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+MODULE = "default"  # the one module of a single-stack model, as mergekit names it
 
 
 class _Strict(BaseModel):
@@ -95,25 +88,84 @@ class OutputSlice(_Strict):
         return self
 
 
-class MergeRecipe(_Strict):
-    """mergekit's YAML schema (the part evomerge runs) plus `random_seed` for DARE."""
+class OutputModule(_Strict):
+    """An entry of `modules:` (mergekit's form for models with several layer stacks): `models` or
+    `slices`, and parameters searched after a slice's and before the top-level ones."""
 
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "OutputModule":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices' (a non-empty list)")
+        return self
+
+
+class ModelTokenSource(_Strict):
+    """A new token's embedding row taken from one model's token (`token_id` or `token`)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(_Strict):
+    """A token's embedding row of zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """An entry of `tokenizer.tokens`: where the token's row comes from; `force` uses that source
+    even for models that have the token."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (`base`, `union` or a model's) and rows."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
+class MergeRecipe(_Strict):
+    """mergekit's YAML schema plus `random_seed` for DARE."""
+
+    name: str | None = None  # mergekit-multi names its merges; one recipe ignores it
     merge_method: str
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     parameters: dict[str, ParameterSetting] | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     tokenizer_source: str | None = None
-    tokenizer: dict | None = None  # mergekit's tokenizer: block; refused with a reason (merge.check_recipe)
-    chat_template: str | None = None  # Jinja text, a name (chatml), or auto
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # Jinja text, a name (chatml, alpaca, ...), or auto
     random_seed: int | None = None
 
     @model_validator(mode="after")
-    def _models_or_slices(self) -> "MergeRecipe":
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("give exactly one of 'models' or 'slices' (a non-empty list)")
+    def _one_body(self) -> "MergeRecipe":
+        if sum(bool(x) for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules' (non-empty)")
+        if self.modules and list(self.modules) != [MODULE]:
+            raise ValueError(f"evomerge merges models with one layer stack, which mergekit calls module "
+                             f"'{MODULE}'; got modules {', '.join(map(repr, self.modules))}")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or the tokenizer: block, not both")
         return self
 
     # --- reading --------------------------------------------------------------------------------
@@ -128,6 +180,9 @@ class MergeRecipe(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str | None = None) -> "MergeRecipe":
+        from evomerge.engine.keys import sort_keys
+
+        data = sort_keys(data, source)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -135,7 +190,7 @@ class MergeRecipe(_Strict):
 
     # --- writing --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
 
     def to_yaml(self, comments: Iterable[str] = ()) -> str:
         import yaml
@@ -145,75 +200,102 @@ class MergeRecipe(_Strict):
                          allow_unicode=True, width=100)
         return header + body
 
-    # --- convenience ----------------------------------------------------------------------------
+    # --- the body: models or slices, at the top or in modules.default ---------------------------
+    @property
+    def input_models(self) -> list[InputModel] | None:
+        return self.modules[MODULE].models if self.modules else self.models
+
+    @property
+    def output_slices(self) -> list[OutputSlice] | None:
+        return self.modules[MODULE].slices if self.modules else self.slices
+
+    @property
+    def module_parameters(self) -> dict[str, ParameterSetting] | None:
+        return self.modules[MODULE].parameters if self.modules else None
+
+    @property
+    def body_path(self) -> str:
+        """The YAML path prefix of `models`/`slices` in error messages ("" or "modules.default.")."""
+        return f"modules.{MODULE}." if self.modules else ""
+
+    @property
+    def tokenizer_choice(self) -> str | None:
+        """The output vocabulary asked for: `base`, `union`, a model, or None (the donor's, as is)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
     def referenced_models(self) -> list[str]:
         """Every model path in the recipe, in first-mention order (base first)."""
-        seen: dict[str, None] = {}
-        if self.base_model:
-            seen[self.base_model] = None
-        for m in self.models or []:
-            seen[m.model] = None
-        for s in self.slices or []:
-            if s.base_model:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
-        return list(seen)
+        return list(self.model_fields_paths(tokenizer=False))
 
     def relocated(self, root: str | os.PathLike) -> "MergeRecipe":
         """The same recipe with every model folder looked up by its name under `root` (a recipe moved
         to another machine: `/old/place/up` becomes `root/up`). Two models with one folder name are
         refused: they cannot both live under `root`."""
         names: dict[str, str] = {}
-        for model in self.referenced_models() + ([self.tokenizer_source] if self.tokenizer_source not in
-                                                 (None, "base", "union") else []):
+        for model in self.model_fields_paths():
             name = Path(model.rstrip("/\\")).name
             if names.setdefault(name, model) != model:
                 raise ConfigError(f"--model-root cannot tell {names[name]!r} and {model!r} apart: both folders "
                                   f"are named {name!r}", where="--model-root",
                                   fix="merge with the paths as written, or rename one of the folders")
         mapping = {model: str(Path(root) / name) for name, model in names.items()}
-        data = self.to_dict()
 
-        def move(x):
+        def move(x, key=None):
+            if isinstance(x, str) and key in ("model", "base_model", "tokenizer_source", "source"):
+                return mapping.get(x, x)
             if isinstance(x, dict):
-                return {k: (mapping.get(v, v) if k in ("model", "base_model", "tokenizer_source")
-                            and isinstance(v, str) else move(v)) for k, v in x.items()}
+                return {k: move(v, k) for k, v in x.items()}
             if isinstance(x, list):
                 return [move(v) for v in x]
             return x
 
-        return MergeRecipe.from_dict(move(data))
+        return MergeRecipe.from_dict(move(self.to_dict()))
 
-    def model_fields_paths(self) -> dict[str, str]:
-        """model path -> the YAML field where it is first mentioned (for error messages)."""
+    def model_fields_paths(self, *, tokenizer: bool = True) -> dict[str, str]:
+        """model path -> the YAML field where it is first mentioned (for error messages); with
+        `tokenizer`, also the models that only give a tokenizer or token rows."""
         where: dict[str, str] = {}
         if self.base_model:
             where.setdefault(self.base_model, "base_model")
-        for i, m in enumerate(self.models or []):
-            where.setdefault(m.model, f"models[{i}].model")
-        for i, s in enumerate(self.slices or []):
+        body = self.body_path
+        for i, m in enumerate(self.input_models or []):
+            where.setdefault(m.model, f"{body}models[{i}].model")
+        for i, s in enumerate(self.output_slices or []):
             if s.base_model:
-                where.setdefault(s.base_model, f"slices[{i}].base_model")
+                where.setdefault(s.base_model, f"{body}slices[{i}].base_model")
             for j, src in enumerate(s.sources):
-                where.setdefault(src.model, f"slices[{i}].sources[{j}].model")
-        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
-            where.setdefault(self.tokenizer_source, "tokenizer_source")
+                where.setdefault(src.model, f"{body}slices[{i}].sources[{j}].model")
+        if tokenizer:
+            for model, at in self._tokenizer_models():
+                where.setdefault(model, at)
         return where
+
+    def _tokenizer_models(self) -> Iterable[tuple[str, str]]:
+        choice = self.tokenizer_choice
+        if choice not in (None, "base", "union"):
+            yield choice, ("tokenizer.source" if self.tokenizer is not None else "tokenizer_source")
+        for token, spec in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            src = spec.source
+            model = src.model if isinstance(src, ModelTokenSource) else src if isinstance(src, str) else None
+            if model is not None:
+                yield model, f"tokenizer.tokens[{token!r}].source"
 
     def iter_parameter_settings(self) -> Iterable[tuple[str, str, Any, bool]]:
         """(yaml path of the parameters block, name, setting, per_model) for every setting."""
         for name, setting in (self.parameters or {}).items():
             yield "parameters", name, setting, False
-        for i, m in enumerate(self.models or []):
+        body = self.body_path
+        for name, setting in (self.module_parameters or {}).items():
+            yield f"modules.{MODULE}.parameters", name, setting, False
+        for i, m in enumerate(self.input_models or []):
             for name, setting in (m.parameters or {}).items():
-                yield f"models[{i}].parameters", name, setting, True
-        for i, s in enumerate(self.slices or []):
+                yield f"{body}models[{i}].parameters", name, setting, True
+        for i, s in enumerate(self.output_slices or []):
             for name, setting in (s.parameters or {}).items():
-                yield f"slices[{i}].parameters", name, setting, False
+                yield f"{body}slices[{i}].parameters", name, setting, False
             for j, src in enumerate(s.sources):
                 for name, setting in (src.parameters or {}).items():
-                    yield f"slices[{i}].sources[{j}].parameters", name, setting, True
+                    yield f"{body}slices[{i}].sources[{j}].parameters", name, setting, True
 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
@@ -253,15 +335,6 @@ _Dumper = _LazyDumper()
 
 
 # --- validation errors ----------------------------------------------------------------------------
-_FIELDS = {
-    "recipe": list(MergeRecipe.model_fields),
-    "model": list(InputModel.model_fields),
-    "slice": list(OutputSlice.model_fields),
-    "source": list(InputSlice.model_fields),
-    "cond": list(ConditionalParameter.model_fields),
-}
-
-
 def format_path(loc: Iterable[Any]) -> str:
     """('models', 1, 'parameters', 'density') -> 'models[1].parameters.density'."""
     out = ""
@@ -297,15 +370,8 @@ def _config_error(exc: ValidationError, data: dict, source: str | None) -> Confi
     where = format_path(loc) or "recipe"
     if source:
         where = f"{source}: {where}"
-    if err["type"] == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
-        kind = _kind_of(loc[:-1])
-        known = _FIELDS[kind]
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = f"did you mean '{close[0]}'?" if close else f"allowed keys here: {', '.join(known)}"
-        if key in ("modules", "residual_weight"):
-            fix = f"'{key}' is a mergekit option evomerge does not support; remove it"
-        return ConfigError(f"unknown key '{key}'", where=where, fix=fix)
+    if err["type"] == "extra_forbidden":  # keys.sort_keys finds these first; a dict built by code may not
+        return ConfigError(f"unknown key '{loc[-1] if loc else '?'}'", where=where, fix="remove it")
     if err["type"] == "missing":
         return ConfigError("required key is missing", where=where, fix="add it (see examples/)")
     msg = err["msg"]
@@ -315,100 +381,3 @@ def _config_error(exc: ValidationError, data: dict, source: str | None) -> Confi
     if loc and loc[-1] in ("dtype", "out_dtype"):
         fix = f"use one of {', '.join(DTYPES)}"
     return ConfigError(msg, where=where, fix=fix)
-
-
-def _kind_of(loc: tuple) -> str:
-    if not loc:
-        return "recipe"
-    names = [p for p in loc if isinstance(p, str)]
-    last = names[-1] if names else ""
-    if last == "models":
-        return "model"
-    if last == "sources":
-        return "source"
-    if last == "slices":
-        return "slice"
-    if "parameters" in names:
-        return "cond"
-    return "recipe"
-
-
-# --- parameter resolution (mergekit's rules) ------------------------------------------------------
-def layer_t(index: int, num_layers: int) -> float:
-    """Position of the index-th layer of an output slice in a gradient (mergekit's plan_slice)."""
-    return index / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def filter_matches(filter_: str | None, tensor_name: str) -> bool:
-    """mergekit: no filter or '*' matches everything, else substring match on the tensor name."""
-    return filter_ is None or filter_ == "*" or (bool(tensor_name) and filter_ in tensor_name)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float = 0.0,
-                     coerce: Callable[[Any], Any] = lambda v: v) -> Any:
-    """Resolve filters and gradients to one value, or None when no filter matches (mergekit)."""
-    if isinstance(setting, ConditionalParameter):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float, str)):
-        return coerce(setting)
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            values = [coerce(e) for e in setting]
-            if not all(_is_number(v) for v in values):
-                return values[int(t * (len(values) - 1))]
-            scaled = t * (len(values) - 1)
-            i0 = int(scaled)
-            i1 = min(len(values) - 1, i0 + 1)
-            frac = scaled - i0
-            return coerce((1 - frac) * values[i0] + frac * values[i1])
-        for cond in setting:
-            if filter_matches(cond.filter, tensor_name):
-                return evaluate_setting(cond.value, tensor_name, t, coerce)
-        return None
-    raise TypeError(f"unexpected parameter setting {setting!r}")
-
-
-def resolve_parameter(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float,
-                      coerce: Callable[[Any], Any] = lambda v: v) -> Any:
-    """First value found for `name`, scanning scopes from most to least specific; None if absent."""
-    for scope in scopes:
-        if scope and name in scope:
-            value = evaluate_setting(scope[name], tensor_name, t, coerce)
-            if value is not None:
-                return value
-    return None
-
-
-def setting_scalars(setting: Any, where: str) -> Iterable[tuple[Any, str]]:
-    """Every scalar in a setting with its YAML path (for bound checks that name the field)."""
-    if isinstance(setting, ConditionalParameter):
-        yield from setting_scalars(setting.value, f"{where}.value")
-    elif isinstance(setting, list):
-        for i, e in enumerate(setting):
-            if isinstance(e, ConditionalParameter):
-                yield from setting_scalars(e.value, f"{where}[{i}].value")
-            else:
-                yield e, f"{where}[{i}]"
-    else:
-        yield setting, where
-
-
-def to_float(value: Any) -> Any:
-    """Numbers stay numbers; numeric strings ('1e-3', which YAML reads as text) become floats."""
-    if isinstance(value, str):
-        try:
-            f = float(value)
-        except ValueError:
-            return value
-        return f
-    return value
-
-
-def is_finite_number(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)

@@ -285,7 +285,8 @@ def winner_curves(recipe, num_layers: int) -> dict[str, list[float]]:
     """Per-layer values of every searched number in the winner: {"t (self_attn)": [...], ...}.
 
     Evaluated with the recipe module's own gradient/filter rules, at sample tensor names per filter."""
-    from evomerge.engine.recipe import ConditionalParameter, MergeRecipe, evaluate_setting, layer_t
+    from evomerge.engine.parameters import evaluate_setting, layer_t
+    from evomerge.engine.recipe import ConditionalParameter, MergeRecipe
 
     if not isinstance(recipe, MergeRecipe):  # an MoE config has no per-layer numbers
         return {}

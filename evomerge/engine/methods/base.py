@@ -88,8 +88,8 @@ class Tunable:
     def check(self, value: Any, where: str) -> float | bool:
         """Return `value` as this tunable's type, or raise ConfigError naming `where`."""
         if self.type == "bool":
-            if isinstance(value, bool):
-                return value
+            if truthy(value) is not None:
+                return truthy(value)
             raise ConfigError(
                 f"{self.name} must be true or false, got {value!r}",
                 where=where,
@@ -133,6 +133,21 @@ class Tunable:
                 fix=f"set {self.name} to {self.describe_range()}",
             )
         return int(number) if self.type == "int" else number
+
+
+# The values mergekit's pydantic validation reads as a bool (YAML `normalize: 1.0` is true there).
+_TRUE, _FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
+
+
+def truthy(value: Any) -> bool | None:
+    """`value` as mergekit reads a bool parameter (true/false, 0/1 numbers, "yes"/"no"...), else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
 
 
 class MergeMethod:
