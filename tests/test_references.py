@@ -256,3 +256,41 @@ def test_network_downloads_only_what_a_merge_needs(tmp_path):
     fetched = {p.name for p in (tmp_path / "home" / "hub").rglob("snapshots/*/*")}
     assert fetched and not any(name.endswith((".bin", ".pt", ".h5", ".msgpack", ".onnx")) for name in fetched), fetched
     assert "commit" in (tmp_path / "out" / "README.md").read_text()
+
+
+# --- search spaces take Hub ids too --------------------------------------------------------------------------
+def test_a_search_space_takes_hub_ids_and_best_yaml_names_their_commits(tmp_path, monkeypatch):
+    from test_search import FakeExecutor
+    from test_space import make_models
+
+    from evomerge.engine.recipe import MergeRecipe
+    from evomerge.search.run import run_search
+    from evomerge.search.spacefile import load_space
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    make_models(tmp_path)
+    commits = {n: publish(cache, f"acme/{n}", tmp_path / "models" / n) for n in ("base", "add", "rev")}
+    (tmp_path / "space.yaml").write_text("models: [acme/add, acme/rev@main]\nbase_model: acme/base\nmethod: slerp\n"
+                                         "objective:\n  tasks: [toy_add, toy_rev]\nsearch: {trials: 4, top_k: 1}\n")
+    space = load_space(tmp_path / "space.yaml")
+    assert [m.name for m in space.models] == ["add", "rev_main"]
+    assert Path(space.models[0].path).name == commits["add"]
+    run_search(space, tmp_path / "run", executor=FakeExecutor(), progress=False)
+    best = (tmp_path / "run" / "best.yaml").read_text()
+    named = set(MergeRecipe.from_yaml(best).referenced_models())
+    assert {f"acme/add@{commits['add']}", f"acme/rev@{commits['rev']}"} <= named <= {f"acme/{n}@{c}" for n, c in commits.items()}
+    assert f"#   acme/add@{commits['add']}: {space.models[0].path}" in best
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["hub_sources"][space.models[0].path] == {"repo": "acme/add", "commit": commits["add"]}
+
+
+def test_a_lora_reference_in_a_space_is_refused_with_a_way_out(tmp_path, monkeypatch):
+    from evomerge.search.spacefile import load_space
+
+    (tmp_path / "space.yaml").write_text("models: [acme/base+acme/lora, acme/other]\nmethod: slerp\n"
+                                         "objective:\n  tasks: [toy_add]\n")
+    with pytest.raises(ConfigError) as info:
+        load_space(tmp_path / "space.yaml")
+    assert info.value.where.endswith("models[0]") and "LoRA reference" in info.value.what
+    assert "merge_method: passthrough" in info.value.fix

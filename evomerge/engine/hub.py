@@ -42,7 +42,7 @@ class Origin:
     commit: str
 
     def describe(self) -> str:
-        return f"{self.repo}@{self.revision or 'main'} (commit {self.commit})"
+        return f"{self.repo}{'@' + self.revision if self.revision else ''} (commit {self.commit})"
 
 
 def offline() -> bool:
@@ -66,6 +66,16 @@ def cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def origin_of(folder: str | os.PathLike) -> Origin | None:
+    """The repository and commit of a folder that is a snapshot in a Hugging Face cache
+    (`.../models--org--name/snapshots/<commit>`), else None."""
+    path = Path(folder)
+    repo_dir = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo_dir.startswith("models--") or len(path.name) != 40:
+        return None
+    return Origin(repo_dir.removeprefix("models--").replace("--", "/"), None, path.name)
+
+
 def snapshot(repo: str, revision: str | None, *, where: str, weights: bool = True, adapter: bool = False,
              log: Callable[[str], None] | None = None) -> tuple[Path, Origin]:
     """The local snapshot folder of `repo` at `revision` (None: main) and its origin. `weights`: the
@@ -77,7 +87,7 @@ def snapshot(repo: str, revision: str | None, *, where: str, weights: bool = Tru
             folder = snapshot_download(repo, revision=revision, cache_dir=str(cache_dir()), local_files_only=True)
         except Exception as exc:  # LocalEntryNotFoundError, and validation errors of odd names
             raise _not_cached(repo, revision, where, exc) from None
-        origin = Origin(repo, revision, Path(folder).name)
+        origin = Origin(repo, revision or "main", Path(folder).name)
         if log is not None:
             log(f"{origin.describe()}: from the cache ({folder})")
         return Path(folder), origin
@@ -92,7 +102,7 @@ def _download(repo: str, revision: str | None, *, where: str, weights: bool, ada
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
         files = choose_files({s.rfilename: s.size or 0 for s in info.siblings or []}, weights=weights,
                              adapter=adapter, repo=repo, where=where)
-        origin = Origin(repo, revision, info.sha)
+        origin = Origin(repo, revision or "main", info.sha)
         if log is not None:
             size = sum(files.values()) / 1e9
             log(f"{origin.describe()}: fetching {len(files)} file(s), {size:.2f} GB (cached files are reused)")
@@ -169,4 +179,4 @@ def _online_error(repo: str, revision: str | None, where: str, exc: Exception) -
                            where=where, fix="check the network, or set HF_HUB_OFFLINE=1 to use the local cache only")
 
 
-__all__ = ["Origin", "cache_dir", "choose_files", "offline", "snapshot"]
+__all__ = ["Origin", "cache_dir", "choose_files", "offline", "origin_of", "snapshot"]

@@ -238,8 +238,11 @@ class MergeRecipe(_Strict):
                 raise ConfigError(f"--model-root cannot tell {names[name]!r} and {model!r} apart: both folders "
                                   f"are named {name!r}", where="--model-root",
                                   fix="merge with the paths as written, or rename one of the folders")
-        mapping = {model: str(Path(root) / name) for name, model in names.items()}
+        return self.renamed({model: str(Path(root) / name) for name, model in names.items()})
 
+    def renamed(self, mapping: dict[str, str]) -> "MergeRecipe":
+        """The same recipe with each model reference in `mapping` replaced by its value (everywhere a
+        model is named: models, slices, base_model, tokenizer sources)."""
         def move(x, key=None):
             if isinstance(x, str) and key in ("model", "base_model", "tokenizer_source", "source"):
                 return mapping.get(x, x)

@@ -2,7 +2,8 @@
 
 Why it exists: a search is only useful if its result can be reproduced and judged. `best.yaml` is the
 winner as a mergekit recipe (it loads in `mergekit-yaml` and `evomerge merge`) with its provenance in
-YAML comments (study, trial, seed, scores on every split, source hashes, evomerge version);
+YAML comments (study, trial, seed, scores on every split, source hashes, the Hub commit of each model
+taken from the Hub, which the recipe then names as `org/name@commit`, evomerge version);
 `trials.csv` is every trial; `report.md` compares the winner with its parents and the naive baselines
 on every split; the plots show the history, the winner's per-layer curves, parameter importances, and
 the Pareto front of a multi-objective run. Every file is written to a temp file and renamed.
@@ -101,8 +102,14 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
     lines += protocol_lines(*stored(study))
     lines.append("sources (sha256 of config.json + *.safetensors):")
     lines += [f"  {path}: {digest}" for path, digest in hashes.items()]
-    folders = sorted({Path(m.rstrip("/")).name for m in w.recipe.referenced_models()})
-    moved = f"on another machine: add --model-root DIR, DIR holding the folders {', '.join(folders)}"
+    hub = hub_sources(list(hashes))
+    if hub:
+        lines.append("from the Hugging Face Hub (the recipe names each by its commit; evomerge merge finds it in the "
+                     "cache or downloads it):")
+        lines += [f"  {o.repo}@{o.commit}: {path}" for path, o in hub.items()]
+    folders = sorted({Path(m.rstrip("/")).name for m in w.recipe.referenced_models() if m not in hub})
+    moved = (f"on another machine: add --model-root DIR, DIR holding the folders {', '.join(folders)}" if folders
+             else "on another machine: the Hub references resolve there too")
     from evomerge.moe.config import MoEConfig
 
     if isinstance(w.recipe, MoEConfig):
@@ -121,7 +128,14 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
         lines.append(f"{w.recipe.merge_method} draws random masks: evomerge merge reproduces this draw from "
                      "random_seed; mergekit-yaml draws from its global RNG, so it gives another draw (a "
                      "different model, of the same kind)")
-    return w.recipe.to_yaml(comments=lines)
+    return w.recipe.renamed({path: f"{o.repo}@{o.commit}" for path, o in hub.items()}).to_yaml(comments=lines)
+
+
+def hub_sources(paths: list[str]) -> dict:
+    """{folder: its Hub origin (repository, commit)} for the folders that are Hugging Face cache snapshots."""
+    from evomerge.engine.hub import origin_of
+
+    return {p: o for p in paths if (o := origin_of(p)) is not None}
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -451,5 +465,8 @@ def write_run(result, *, storage: str, evidence: bool = True) -> None:
         atomic_write(out / "best.yaml", best_yaml(result, storage, hashes))
     atomic_write(out / "report.md", report_md(result, storage, plots, ev))
     record, report_log = stored(result.study)
-    record = {"space": space.name, "record": record, "report_evaluations": report_log}
+    record = {"space": space.name, "record": record, "report_evaluations": report_log,
+              "hub_sources": {path: {"repo": o.repo, "commit": o.commit} for path, o in
+                              hub_sources([m.path for m in space.models] + ([space.base.path] if space.base else [])
+                                          ).items()}}
     atomic_write(out / "record.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
