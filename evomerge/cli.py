@@ -135,6 +135,33 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- init (a starter search space) ----------------------------------------------------------------
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a commented starter search space for these models",
+                       description="Write a search space for MODELs: two models get a slerp gradient between them; "
+                       "a base and experts (the first model, or --base) get task arithmetic, with TIES and DARE "
+                       "as commented alternatives; the objective is TASKs, carved into search/select/report. "
+                       "Models are folders or Hub ids (org/name, org/name@revision). Nothing is loaded: check "
+                       "the file with `evomerge validate`.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folders or Hub ids (the first is the base "
+                                                                 "when there are more than two)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                   help="lm-eval tasks to optimise (TASK or TASK:METRIC; metric default exact_match)")
+    p.add_argument("--tasks-dir", help="folder of your lm-eval task YAML")
+    p.add_argument("--base", help="the base model (default: the first MODEL when there are more than two)")
+    p.add_argument("--out", default="space.yaml", help="the space file to write (default: space.yaml)")
+    p.add_argument("--name", help="the run's name (default: from --out)")
+    p.add_argument("--trials", type=int, help="trial budget (default 30 for two models, 60 otherwise)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from evomerge.commands.init import run
+
+    return run(args)
+
+
 # --- toy (embedded model family) -----------------------------------------------------------------
 def _add_toy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("toy", help="locate or rebuild the embedded toy model family")
@@ -273,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe(sub)
     _add_eval(sub)
     _add_audit(sub)
+    _add_init(sub)
     _add_toy(sub)
     return parser
 
