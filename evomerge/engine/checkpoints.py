@@ -228,10 +228,10 @@ class Sources:
 def _open_checkpoint(name: str, where: str, location: "Location | None" = None) -> Checkpoint:
     """Open the checkpoint a reference names: its folder's config and safetensors headers, and its
     LoRA adapter's (checked against them)."""
-    if location is None:
-        from evomerge.engine.references import locate
+    if location is None:  # not located before (an MoE config, a script): a Hub reference says its commit
+        from evomerge.engine.references import locate, stderr_line
 
-        location = locate(name, where)
+        location = locate(name, where, log=stderr_line)
     path = location.folder
     if not path.is_dir():
         raise CheckpointError(f"{name!r} is a file, not a model folder", where=where,
