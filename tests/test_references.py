@@ -294,3 +294,45 @@ def test_a_lora_reference_in_a_space_is_refused_with_a_way_out(tmp_path, monkeyp
         load_space(tmp_path / "space.yaml")
     assert info.value.where.endswith("models[0]") and "LoRA reference" in info.value.what
     assert "merge_method: passthrough" in info.value.fix
+
+
+def test_the_online_path_pins_the_commit_and_fetches_only_the_chosen_files(tmp_path, monkeypatch):
+    """huggingface_hub's listing and download replaced by fakes (no network): the download is pinned to
+    the commit the listing named, asks for the chosen files only, and its errors name the field."""
+    import huggingface_hub
+
+    from evomerge.engine import hub
+
+    class Sibling:
+        def __init__(self, name, size):
+            self.rfilename, self.size = name, size
+
+    class Info:
+        sha = "c" * 40
+        siblings = [Sibling(n, 10) for n in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
+                                             "README.md")]
+
+    asked = {}
+
+    def model_info(self, repo, revision=None, files_metadata=False):
+        if repo == "acme/missing":
+            raise type("RepositoryNotFoundError", (Exception,), {})("404")
+        asked["revision_listed"] = revision
+        return Info()
+
+    def snapshot_download(repo, revision=None, cache_dir=None, allow_patterns=None, **kw):
+        asked.update(repo=repo, revision=revision, patterns=sorted(allow_patterns))
+        return str(tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / revision)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    lines = []
+    folder, origin = hub.snapshot("acme/m", "v2", where="models[0].model", log=lines.append)
+    assert asked == {"revision_listed": "v2", "repo": "acme/m", "revision": "c" * 40,
+                     "patterns": ["config.json", "model.safetensors", "tokenizer.json"]}
+    assert origin == hub.Origin("acme/m", "v2", "c" * 40) and folder.name == "c" * 40
+    assert lines == [f"acme/m@v2 (commit {'c' * 40}): fetching 3 file(s), 0.00 GB (cached files are reused)"]
+    with pytest.raises(CheckpointError) as info:
+        hub.snapshot("acme/missing", None, where="models[1].model")
+    assert info.value.where == "models[1].model" and "no repository 'acme/missing'" in info.value.what
