@@ -18,7 +18,8 @@ How mergekit 0.1.5 lays out a merge, and so how we do:
   promoted input dtype (upcasting internally where mergekit does); the result is cast to `out_dtype`
   when set. The output config's dtype is `out_dtype`, else `dtype`, else the donor's.
 - The output config, generation config and tokenizer come from the base model, else the first model;
-  with slices its layer count is the sum of the slices.
+  with slices its layer count is the sum of the slices, and its per-layer lists (`layer_types`, ...)
+  are rebuilt from the layers the slices stack (`layer_config.py`; mergekit leaves them as they were).
 - Without `tokenizer_source` or a `tokenizer:` block the sources must share one vocabulary (checked)
   and embeddings are merged row for row. With one, the output vocabulary is built first
   (`vocabulary.py`) and every matrix indexed by token is re-indexed to it before the method merges
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.engine.chat_template import chat_template_text
+from evomerge.engine.layer_config import restack
 from evomerge.engine.parameters import layer_t, resolve_parameter, setting_scalars, to_float
 from evomerge.engine.recipe import MergeRecipe
 from evomerge.engine.sinks import TensorSpec
@@ -245,6 +247,10 @@ def _structure(recipe: MergeRecipe, method: "MergeMethod", sources: "Sources"):
     out_layer = slots.layers(dck)
     slots.non_layer(slices[-1], len(slices) - 1, pre=False)
     out_config = _out_config(recipe, dck.config, out_layer)
+    if recipe.output_slices:  # lists of one entry per layer (layer_types, ...) follow the new stack
+        origins = [(sources.config(sl.sources[0].model), layer) for sl in slices
+                   for layer in range(sl.sources[0].start, sl.sources[0].end)]
+        out_config = restack(out_config, dck.config, origins)
     if vocabulary is not None:
         out_config["vocab_size"] = vocabulary.size
     return slices, slots.slots, donor, out_config, out_layer, vocabulary

@@ -146,6 +146,7 @@ class Worker:
         self._moe_key = None
         self._gates = None
         self._merged: tuple[dict, Any] | None = None  # the recipe the resident model holds now, and that model
+        self.paths = None  # ResidentPath: a layer path's model over shared source layers (passthrough slices)
 
     # -- heavy state ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -198,8 +199,10 @@ class Worker:
 
     def merge(self, recipe_dict: dict) -> Any:
         """Write the recipe's merged tensors into the resident model (no disk); returns the model to
-        score: the resident dense model, or for an MoE config the resident MoE. The same recipe as the
-        last one is not merged again (the model holds it already)."""
+        score: the resident dense model, for an MoE config the resident MoE, for a frankenmerge (a
+        passthrough `slices:` recipe, a layer path) a model over shared resident layers
+        (`resident_path.py`). The same recipe as the last one is not merged again (the model holds it)."""
+        from evomerge.engine.layer_path import is_path_recipe
         from evomerge.moe.config import is_moe_config
 
         if self._merged is not None and self._merged[0] == recipe_dict:  # e.g. the next fidelity rung
@@ -207,6 +210,8 @@ class Worker:
         self._merged = None  # a failed merge leaves the resident weights half-written
         if is_moe_config(recipe_dict):
             model = self._build_moe(recipe_dict)
+        elif is_path_recipe(recipe_dict):
+            model = self._build_path(recipe_dict)
         else:
             from evomerge.engine.execution import merge_into
             from evomerge.engine.recipe import MergeRecipe
@@ -236,6 +241,17 @@ class Worker:
                                      trust_remote_code=self.spec.trust_remote_code, device=self.spec.device)
         write_moe(ResidentMoESink(self.moe_model), p, self.sources, self._gates)
         return self.moe_model
+
+    def _build_path(self, recipe_dict: dict) -> Any:
+        """A frankenmerge scored without copying layers: the sources' layers shared, one cache slot per
+        position, only scaled projections materialised (executors/resident_path.py)."""
+        from evomerge.engine.recipe import MergeRecipe
+        from evomerge.executors.resident_path import ResidentPath
+
+        if self.paths is None:
+            self.paths = ResidentPath(self.sources, dtype=self.spec.dtype, device=self.spec.device,
+                                      trust_remote_code=self.spec.trust_remote_code)
+        return self.paths.build(MergeRecipe.model_validate(recipe_dict))
 
     def _membership(self, model, reference: tuple[str, ...]):
         """Min-K%++ of `model` on the report items and on the reference texts, and their AUROC."""
