@@ -157,6 +157,10 @@ def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_o
              "  objective   " + ", ".join(f"{t.task}/{t.metric} x{t.weight:g}" for t in obj.tasks),
              f"  splits      {splits_text(space)}",
              f"  fitness     {describe(space.budget, len(obj.tasks))}"]
+    if space.layer_path is not None:  # the depth and parameter range of the paths
+        from evomerge.search.layer_path import describe as path_lines
+
+        lines += [f"  {line}" for line in path_lines(space)]
     lines += [f"  {line}" for line in protocol_lines(record)]
     return "\n".join(lines)
 

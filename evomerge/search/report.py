@@ -122,6 +122,10 @@ def best_yaml(result, storage: str, hashes: dict[str, str]) -> str:
     threads = merge_threads()  # merges are pinned to this many torch threads (bit-identical results)
     lines.append(f"reproduce the scored model: evomerge merge best.yaml OUT --threads {threads}")
     lines.append(moved)
+    if space.layer_path is not None:  # a frankenmerge: mergekit-yaml builds the same tensors (no random draw)
+        from evomerge.search.layer_path import path_comment
+
+        lines.append(path_comment(space, w.recipe))
     from evomerge.engine import methods
 
     if methods.get(w.recipe.merge_method).uses_generator:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError
+from evomerge.engine.methods.base import MergeMethod
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 
 SAMPLERS = ("auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid")
@@ -158,6 +159,52 @@ class MoESetup(Strict):
     negative_prompts: dict[str, tuple[str, ...]] = {}
 
 
+LAYER_PATH = "layer_path"  # the method name of a layer-path (data-flow) search
+PATH_OPS = ("repeat", "swap", "skip")
+
+
+class PathEdit(Strict):
+    """One edit of the anchor's path (`method: layer_path`; search/layer_path.py applies it): `op` on the
+    anchor's layers [start, start + length), with a donor (swap) and a gain (repeat, swap)."""
+
+    op: Literal["none", "repeat", "swap", "skip"]
+    start: int = 1
+    length: int = Field(1, ge=1)
+    donor: str | None = None
+    gain: float = Field(1.0, gt=0)
+
+
+class LayerPathSetup(Strict):
+    """The fixed part of a layer-path search: the anchor (by name) and its layer count, the donors, how
+    many edits a candidate makes (`edits`), which operations, over which anchor layers (`span`, [first,
+    end): never the first or last layer), how long (`length`, a range), the gain range (None: gain 1),
+    and the user's own seed candidates. The searched part is `SearchSpace.dimensions(LAYER_PATH)`."""
+
+    anchor: str
+    layers: int
+    donors: tuple[str, ...] = ()
+    edits: int = 2
+    ops: tuple[str, ...] = PATH_OPS
+    span: tuple[int, int]
+    length: tuple[int, int] = (1, 1)
+    gain: tuple[float, float] | None = None
+    seeds: tuple[tuple[PathEdit, ...], ...] = ()
+
+    def dimensions(self) -> list["Dimension"]:
+        """Per edit k: `layer_path.op.k`, `.start.k`, and when they vary `.length.k`, `.donor.k`, `.gain.k`."""
+        out: list[Dimension] = []
+        for k in range(self.edits):
+            out.append(Dimension(f"{LAYER_PATH}.op.{k}", choices=("none", *self.ops)))
+            out.append(Dimension(f"{LAYER_PATH}.start.{k}", low=self.span[0], high=self.span[1] - 1, integer=True))
+            if self.length[1] > self.length[0]:
+                out.append(Dimension(f"{LAYER_PATH}.length.{k}", low=self.length[0], high=self.length[1], integer=True))
+            if "swap" in self.ops and len(self.donors) > 1:
+                out.append(Dimension(f"{LAYER_PATH}.donor.{k}", choices=self.donors))
+            if self.gain is not None and self.gain[1] > self.gain[0]:
+                out.append(Dimension(f"{LAYER_PATH}.gain.{k}", low=self.gain[0], high=self.gain[1]))
+        return out
+
+
 class SearchSpace(Strict):
     """A validated search space (frozen). Build it with `load_space`."""
 
@@ -172,6 +219,7 @@ class SearchSpace(Strict):
     objective: Objective
     budget: Budget = Budget()
     moe: MoESetup | None = None  # with method: moe
+    layer_path: LayerPathSetup | None = None  # with method: layer_path
     overridden: frozenset[str] = frozenset()  # budget fields set by `with_overrides` (flags): they win on resume
 
     # -- queries ----------------------------------------------------------------------------------
@@ -201,6 +249,8 @@ class SearchSpace(Strict):
 
     def dimensions(self, method: str) -> list[Dimension]:
         """The searched Optuna parameters of `method`, in a fixed order."""
+        if method == LAYER_PATH and self.layer_path is not None:
+            return self.layer_path.dimensions()
         out: list[Dimension] = []
         for spec in self.method(method).params:
             if not spec.searched:
@@ -258,6 +308,8 @@ class SearchSpace(Strict):
         data = self.model_dump(mode="json", include={"models", "base", "dtype", "out_dtype", "methods"})
         if self.moe is not None:
             data["moe"] = self.moe.model_dump(mode="json")
+        if self.layer_path is not None:
+            data["layer_path"] = self.layer_path.model_dump(mode="json")
         data["objective"] = self.objective.model_dump(mode="json", exclude={"splits", "protocol", "reference_items"})
         data["limit"] = self.budget.limit
         data["fidelity"] = self.budget.fidelity.limit if self.budget.fidelity else None
@@ -294,13 +346,26 @@ def method_impl(name: str):
 
     if name == MOE.name:
         return MOE
+    if name == LAYER_PATH:
+        return LayerPathMethod()
     try:
         return registry.get(name)
     except ConfigError as exc:
         if isinstance(name, str) and name.lower() in ("mixtral", "frankenmoe", "mixture_of_experts"):
             raise ConfigError(exc.what, where=exc.where, fix="did you mean 'moe'? (an MoE built from the models)") \
                 from None
-        raise ConfigError(exc.what, where=exc.where, fix=f"{exc.fix}, moe") from None
+        raise ConfigError(exc.what, where=exc.where, fix=f"{exc.fix}, moe, {LAYER_PATH}") from None
+
+
+class LayerPathMethod(MergeMethod):
+    """The declaration of `method: layer_path`: any number of models (the anchor and its donors), no base,
+    no tensor tunables (its dimensions are the path's edits, `LayerPathSetup.dimensions`)."""
+
+    name = LAYER_PATH
+    model_count = (1, None)
+
+    def _merge(self, *args, **kwargs):  # pragma: no cover - a path is exported as passthrough slices
+        raise NotImplementedError("a layer path is built as a passthrough recipe (engine/layer_path.py)")
 
 
 def model_roles(space: SearchSpace, method: str) -> tuple[ModelRef | None, tuple[ModelRef, ...]]:

@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation.protocol import Carve, ScoringProtocol, SplitSpec
+from evomerge.search.layer_path import RawLayerPath, layer_path_setup
 from evomerge.search.methods import method_space, moe_setup
 from evomerge.search.models import alias, declared_dtype, model_path, toy_family, unique_alias
 from evomerge.search.space import (NAME_RE, Anchors, Budget, Fidelity, ModelRef, Objective, SearchSpace, Task,
@@ -95,6 +96,7 @@ class _RawSpace(Strict):
     objective: _RawObjective
     search: Budget = Budget()
     moe: _RawMoE | None = None
+    layer_path: RawLayerPath | None = None  # with method: layer_path (search/layer_path.py)
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -159,6 +161,7 @@ def space_from_dict(
         objective=objective,
         budget=raw.search,
         moe=moe_setup(raw.moe, models, space_methods, source),
+        layer_path=layer_path_setup(raw.layer_path, models, base, method_names, source),
     )
     check_budget(space, source)
     return space
@@ -291,6 +294,7 @@ def _validation_error(exc: ValidationError, source: str) -> ConfigError:
             "splits": _RawSplits.model_fields, "protocol": ScoringProtocol.model_fields,
             "carve": Carve.model_fields, "tasks": _RawTask.model_fields, "models": _RawModel.model_fields,
             "fidelity": Fidelity.model_fields, "anchors": Anchors.model_fields,
+            "layer_path": RawLayerPath.model_fields,
         }
         section = next((str(p) for p in reversed(err["loc"][:-1]) if isinstance(p, str) and str(p) in known), "")
         if section == "objective" and "tasks" in [str(p) for p in err["loc"][:-1]]:

@@ -69,11 +69,14 @@ def build_recipe(space: SearchSpace, params: Params):
     same recipe)."""
     from evomerge.engine.recipe import MergeRecipe
     from evomerge.moe.tunables import NAME as MOE
-    from evomerge.search.space import method_impl
+    from evomerge.search.layer_path import build_path_recipe
+    from evomerge.search.space import LAYER_PATH, method_impl
 
     method = method_of(space, params)
     if method == MOE:
         return _moe_config(space, params)
+    if method == LAYER_PATH:
+        return build_path_recipe(space, params)
     impl = method_impl(method)
     mspace = space.method(method)
     base, inputs = space.roles(method)
@@ -149,7 +152,12 @@ def _moe_config(space: SearchSpace, params: Params):
 
 def baseline_params(space: SearchSpace) -> list[tuple[str, Params]]:
     """(label, params) of the naive recipe of each method: every searched value at its baseline
-    (the method default inside the range, else the middle: t = 0.5; equal weights)."""
+    (the method default inside the range, else the middle: t = 0.5; equal weights); for a layer path,
+    its seeds (search/layer_path.py: the identity path, an RYS repeat, swaps)."""
+    if space.layer_path is not None:
+        from evomerge.search.layer_path import seed_params
+
+        return seed_params(space)
     out = []
     for mspace in space.methods:
         params: Params = {}
