@@ -163,6 +163,7 @@ def test_layers_are_shared_only_scaled_projections_are_new(llama):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the sources were not changed
     new = {p.data_ptr() for p in model.parameters()} - {p.data_ptr() for p in source.parameters()}
     assert len(new) == 2  # o_proj and down_proj of the scaled step: nothing else was copied
+    assert not [k for k in resident.sources.cache if k[0] == "plan-structure"]  # no plan kept per path
 
 
 def _greedy_without_cache(model, ids, steps):

@@ -91,7 +91,11 @@ class ResidentPath:
         resident layers (each with its own cache slot), its scaled tensors materialised."""
         from evomerge.engine.plan import plan
 
+        before = set(self.sources.cache)
         p = plan(recipe, self.sources)
+        for key in set(self.sources.cache) - before:  # each path is planned about once: do not keep its
+            if isinstance(key, tuple) and key[0] == "plan-structure":  # structure (~100 kB for 30 layers)
+                del self.sources.cache[key]
         host_name = p.slices[0].sources[0].model
         if p.slices[-1].sources[0].model != host_name:
             raise ConfigError("the in-memory path needs its first and last slices from one model (they give the "
