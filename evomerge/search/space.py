@@ -10,7 +10,9 @@ recipe. It also says which models a method merges (`roles`) and which budgets ar
 
 Parameter names: `<method>.<tunable>[.<model>][.<filter>][.<k>]`, e.g. `slerp.t.mlp.2`,
 `ties.density.add`, plus `method` when the method itself is searched. `<filter>` is one of the
-tunable's filters or `rest` (the unfiltered fallback); `<k>` is the gradient control point.
+tunable's filters or `rest` (the unfiltered fallback); `<k>` is the gradient control point. A layer
+path's (`method: layer_path`, `LayerPathSetup`) are `layer_path.<op|start|length|donor|gain>.<k>`, k
+the edit.
 """
 
 from __future__ import annotations
