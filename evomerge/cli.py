@@ -4,13 +4,16 @@ Each subcommand has its own `_add_<name>` block (its flags) and dispatches to on
 for a command with checks of its own flags, to its handler in `evomerge.commands`), imported lazily so
 that `evomerge --help` never imports torch, transformers, lm_eval or ray.
 `EvomergeError` (bad user input) becomes one line on stderr and exit code 2; a `ConfigWarning` (a key
-that has no effect) one `evomerge: warning:` line.
+that has no effect) one `evomerge: warning:` line; any other exception is a bug: its traceback is saved
+to a file, one line says where, and the exit code is 70.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 import warnings
 
 from evomerge import __version__
@@ -27,7 +30,11 @@ ROOT_HELP = ("folder that holds the recipe's model folders: each model path is l
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge models as a mergekit YAML recipe says, into OUT")
+    p = sub.add_parser("merge", help="merge models as a mergekit YAML recipe says, into OUT",
+                       description="Merge models as a mergekit YAML recipe says (every method of mergekit 0.1.5, "
+                       "the same tensors) into OUT: sharded safetensors, config, tokenizer and a model card, written "
+                       "to a temporary folder and renamed into place. A search's best.yaml gives the model that "
+                       "was scored.")
     p.add_argument("config", help="mergekit-style YAML recipe")
     p.add_argument("out", help="output folder (Hugging Face layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -42,7 +49,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_merge)
 
     v = sub.add_parser("validate", help="check a recipe, an MoE config or a search space without building or "
-                                        "searching")
+                                        "searching",
+                       description="Check a merge recipe, a mergekit-moe config or a search space without merging "
+                       "or searching: every key, model, shape and method parameter; for a space also its tasks, "
+                       "metrics, split sizes and protocol (a one-item dry run). Writes nothing; exit 2 names what "
+                       "is wrong.")
     v.add_argument("config", help="mergekit-style YAML recipe, a mergekit-moe config, or a search space (prints "
                                   "its objective)")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -75,12 +86,17 @@ def _add_moe(sub: argparse._SubParsersAction) -> None:
 def _run_moe(args: argparse.Namespace) -> int:
     from evomerge.moe.build import moe_to_dir
 
+    t0 = time.perf_counter()
     out = moe_to_dir(args.config, args.out, overwrite=args.overwrite, shard_size=args.out_shard_size,
                      device=args.device, progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
                      allow_all_same=args.allow_all_same, model_root=args.model_root)
-    if not args.no_progress:
-        print(out)
+    _wrote(out, t0)
     return 0
+
+
+def _wrote(out, t0: float) -> None:
+    """The folder a build wrote, always (also with --no-progress): a script should not have to guess."""
+    print(f"evomerge: wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 
@@ -94,7 +110,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise ConfigError("this is an MoE config (it lists experts), not a merge recipe", where=args.config,
                           fix=f"build it with: evomerge moe {args.config} {args.out}")
 
-    merge_to_dir(
+    t0 = time.perf_counter()
+    out = merge_to_dir(
         args.config,
         args.out,
         overwrite=args.overwrite,
@@ -105,6 +122,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         model_root=args.model_root,
     )
+    _wrote(out, t0)
     return 0
 
 
@@ -208,10 +226,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="Optuna sampler (auto: CMA-ES for float spaces, TPE otherwise, NSGA-II multi-objective; "
                         "gp: Gaussian-process Bayesian optimisation)")
     p.add_argument("--pruner", choices=["none", "median", "hyperband", "successive_halving"],
-                   help="Optuna pruner; needs search.fidelity in the space")
+                   help="Optuna pruner; needs search.fitness: fidelity (item-count rungs) in the space")
     p.add_argument("--seed", type=int, help="sampler and subset seed")
     p.add_argument("--limit", type=int, help="items of the search split per trial (seeded subset)")
     p.add_argument("--top-k", type=int, help="candidates re-scored on the select split")
+    p.add_argument("--batch", type=int,
+                   help="reproducible parallel runs: rounds of N trials, told in trial order, so the same seed "
+                        "gives the same trials whatever --workers and the timing (default: asynchronous)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db)")
     p.add_argument("--workers", type=int, default=1, help="parallel workers (more than 1 uses Ray)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of running in-process")
@@ -240,7 +261,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                     "and paired tests",
                        description="Score every MODEL on the same items under one protocol: a search space's "
                        "objective (its report split by default) or plain lm-eval tasks. Prints a models x tasks "
-                       "table with 95%% intervals and paired tests against the first model; --out writes eval.md, "
+                       "table with 95% intervals and paired tests against the first model; --out writes eval.md, "
                        "eval.json and eval.png.")
     p.add_argument("models", nargs="+", help="model folders (Hugging Face layout); the first is the reference")
     p.add_argument("--space", help="score this search space's objective (tasks, weights, splits, protocol)")
@@ -250,6 +271,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="report", help="split role with --space: search, select or report (default)")
     p.add_argument("--limit", type=int, help="seeded subset of N items per task")
     p.add_argument("--out", help="folder for eval.md, eval.json, eval.png")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -261,7 +283,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     eval_models(args.models, space=args.space, tasks=args.tasks, tasks_dir=args.tasks_dir, metric=args.metric,
                 split=args.split, limit=args.limit, out=args.out, device=args.device, dtype=args.dtype,
-                trust_remote_code=args.trust_remote_code)
+                trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
     return 0
 
 
@@ -326,6 +348,33 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("evomerge: interrupted", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001 - the last guard: a bug, never a raw traceback
+            return _internal_error(exc, argv)
+
+
+INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: not the user's mistake (2) nor a broken run's protocol (audit's 1)
+
+
+def _internal_error(exc: Exception, argv: list[str] | None) -> int:
+    """Save the traceback to a file and say, in one line, that this is ours to fix."""
+    import datetime
+    import tempfile
+    import traceback
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = f"{tempfile.gettempdir()}/evomerge-crash-{stamp}-{os.getpid()}.txt"
+    text = f"evomerge {__version__}\nargv: {sys.argv[:1] + list(argv if argv is not None else sys.argv[1:])}\n\n" + \
+        "".join(traceback.format_exception(exc))
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "the traceback could not be saved"
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    print(f"evomerge: internal error ({type(exc).__name__}: {first}); this is a bug in evomerge, please report "
+          f"it: {where}", file=sys.stderr)
+    return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.search.spacefile import load_space
 
     space = load_space(args.space)
-    flags = {k: getattr(args, k, None) for k in ("trials", "sampler", "seed", "pruner", "top_k", "limit")}
+    flags = {k: getattr(args, k, None) for k in ("trials", "sampler", "seed", "pruner", "top_k", "limit", "batch")}
     space = space.with_overrides(**flags)
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / space.name
     check_flags(args)
@@ -69,9 +69,15 @@ def check_storage_url(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    fix = ("omit --storage (sqlite in the run folder), or give e.g. sqlite:///runs/x/study.db or "
+           "postgresql://user@host/db with its driver installed")
     try:
-        make_url(url).get_dialect().import_dbapi()  # the driver too (postgresql needs psycopg2, ...)
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()  # the driver too (postgresql needs psycopg2, ...)
     except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
         raise ConfigError(f"not a usable database URL ({str(exc).splitlines()[0]})", where=f"--storage {url}",
-                          fix="omit --storage (sqlite in the run folder), or give e.g. sqlite:///runs/x/study.db "
-                              "or postgresql://user@host/db with its driver installed") from None
+                          fix=fix) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        from evomerge.engine.output import check_creatable
+
+        check_creatable(Path(parsed.database).parent, f"--storage {url}", fix)

@@ -26,8 +26,21 @@ TOKENIZER_FILES = (
 )
 
 
+def check_creatable(folder: Path, where: str, fix: str = "choose another location") -> None:
+    """`folder` exists as a folder or can be made: its nearest existing ancestor is a writable folder,
+    not a file. Checked before any work, so that nothing is scored or merged into a path that fails."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise OutputError(f"{folder} cannot be made: {existing} is a file", where=where, fix=fix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder} cannot be made: {existing} is not writable", where=where, fix=fix)
+
+
 def check_out(out: Path, overwrite: bool, sources: "Sources | None" = None) -> None:
-    """OUT may be written: not a file, empty unless `overwrite`, and apart from every source folder."""
+    """OUT may be written: not a file, not below one, empty unless `overwrite`, and apart from every
+    source folder."""
+    check_creatable(out, str(out), "choose another output folder")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{out} exists and is a file", where=str(out), fix="choose another output folder")
@@ -96,4 +109,4 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-__all__ = ["TOKENIZER_FILES", "check_out", "staged", "copy_side_files", "human_bytes"]
+__all__ = ["TOKENIZER_FILES", "check_creatable", "check_out", "staged", "copy_side_files", "human_bytes"]

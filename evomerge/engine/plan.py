@@ -44,6 +44,7 @@ from evomerge.engine.layer_config import restack
 from evomerge.engine.parameters import layer_t, resolve_parameter, setting_scalars, to_float
 from evomerge.engine.recipe import MergeRecipe
 from evomerge.engine.sinks import TensorSpec
+from evomerge.engine.seeds import DEFAULT_SEED
 
 if TYPE_CHECKING:  # pragma: no cover
     from evomerge.engine.checkpoints import Checkpoint, Sources
@@ -51,7 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from evomerge.engine.vocabulary import Vocabulary
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
-DEFAULT_SEED = 0
 
 
 # --- plan data ----------------------------------------------------------------------------------------

@@ -230,15 +230,11 @@ class MergeRecipe(_Strict):
     def relocated(self, root: str | os.PathLike) -> "MergeRecipe":
         """The same recipe with every model folder looked up by its name under `root` (a recipe moved
         to another machine: `/old/place/up` becomes `root/up`). Two models with one folder name are
-        refused: they cannot both live under `root`."""
-        names: dict[str, str] = {}
-        for model in self.model_fields_paths():
-            name = Path(model.rstrip("/\\")).name
-            if names.setdefault(name, model) != model:
-                raise ConfigError(f"--model-root cannot tell {names[name]!r} and {model!r} apart: both folders "
-                                  f"are named {name!r}", where="--model-root",
-                                  fix="merge with the paths as written, or rename one of the folders")
-        return self.renamed({model: str(Path(root) / name) for name, model in names.items()})
+        refused: they cannot both live under `root`; so is a reference that would lead outside it."""
+        from evomerge.engine.model_root import under_root
+
+        return self.renamed(under_root(list(self.model_fields_paths()), root,
+                                       fix="merge with the paths as written, or rename one of the folders"))
 
     def renamed(self, mapping: dict[str, str]) -> "MergeRecipe":
         """The same recipe with each model reference in `mapping` replaced by its value (everywhere a

@@ -61,7 +61,7 @@ class Location:
 
 def parse(text: str, where: str) -> tuple[Reference, Reference | None]:
     """(model, adapter or None) of a reference, by mergekit's rules; a local path is taken whole."""
-    if local_path(text).exists():
+    if os.path.exists(local_path(text)):  # os.path: a name too long for the disk is simply not there
         return Reference(text), None
     parts = text.split("+")
     if len(parts) > 2:
@@ -75,7 +75,7 @@ def _side(part: str, text: str, where: str) -> Reference:
     if not part:
         raise ConfigError(f"cannot read model reference {text!r}: an empty part", where=where,
                           fix="write MODEL or MODEL+LORA_ADAPTER (each may end in @REVISION)")
-    if local_path(part).exists() or part.count("@") == 0:
+    if os.path.exists(local_path(part)) or part.count("@") == 0:
         return Reference(part)
     if part.count("@") > 1:
         raise ConfigError(f"cannot read model reference {text!r}: more than one '@' in {part!r}", where=where,
@@ -111,7 +111,7 @@ def locate(text: str, where: str, *, weights: bool = True, log: Callable[[str], 
 def _folder(ref: Reference, where: str, *, weights: bool, adapter: bool,
             log: Callable[[str], None] | None) -> tuple[Path, Origin | None]:
     path = local_path(ref.path)
-    if path.exists():
+    if os.path.exists(path):
         if ref.revision:
             warnings.warn(ConfigWarning(f"{where}: revision {ref.revision!r} has no effect: {ref.path!r} is a local "
                                         "folder"), stacklevel=4)

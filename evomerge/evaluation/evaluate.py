@@ -33,12 +33,60 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, user_errors
 from evomerge.evaluation import splits as carving
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
 from evomerge.evaluation.results import item_rows, metric_rows, prompts
 from evomerge.evaluation.subsets import chosen_positions, subset
 from evomerge.evaluation.taskfiles import task_files
+
+
+def task_manager(names: list[str], include_path: str | None, splits: SplitSpec, manager=None, *,
+                 builtins: bool = True):
+    """A TaskManager (reusing `manager`) that knows every lm-eval task in `names`: the include path alone
+    first (milliseconds), and lm-eval's built-in tasks as well only when a name is not found there
+    (indexing them takes seconds, so a name that no built-in task file even mentions is refused before:
+    `taskindex.surely_unknown`). An unknown name is a ConfigError with the closest known one. With
+    `builtins` false, only those quick checks: a name the built-in files mention is not looked up."""
+    from lm_eval.tasks import TaskManager
+
+    from evomerge.evaluation.taskindex import surely_unknown
+
+    if include_path and not os.path.isdir(include_path):
+        raise ConfigError("task include path is not a folder", where=include_path,
+                          fix="point it at a folder of task YAML")
+    if manager is None and include_path:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+    known = set(manager.all_tasks) if manager is not None else set()
+    missing = [n for n in names if n not in known]
+    if missing:
+        unknown = surely_unknown(missing)
+        if unknown is not None:
+            raise _unknown_task(unknown[0], known, include_path, splits, unknown[1])
+        if not builtins:
+            return manager
+        manager = TaskManager(include_path=include_path, include_defaults=True)
+        known = set(manager.all_tasks)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise _unknown_task(missing[0], known, include_path, splits)
+    return manager
+
+
+def _unknown_task(name: str, known: set[str], include_path: str | None, splits: SplitSpec,
+                  hint: str | None = None) -> ConfigError:
+    import difflib
+
+    # a close name among the tasks at hand (the include path's) first, then lm-eval's own
+    hint = next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None) or hint
+    form = "tasks are named <task>_<split> with splits given by name" if splits.mode == "named" else \
+        "name an lm-eval task or group"
+    if splits.mode == "carve" and f"{name}_search" in known:
+        form = (f"{name!r} is already split into {name}_<split> tasks: add "
+                "objective.splits: {search: search, select: select, report: report}")
+    return ConfigError(f"unknown lm-eval task {name!r}" + (f" (did you mean {hint!r}?)" if hint else ""),
+                       where=include_path or "lm-eval built-in tasks",
+                       fix=f"{form}; check the task list and objective.tasks_dir")
 
 
 @dataclass(frozen=True)
@@ -191,35 +239,8 @@ class LMEvalEvaluator:
 
     # -- built once -------------------------------------------------------------------------------
     def _task_manager(self, names: list[str]):
-        """A TaskManager that knows `names`: the include path alone first (milliseconds), and lm-eval's
-        built-in tasks as well only when a name is not found there (indexing them takes seconds)."""
-        from lm_eval.tasks import TaskManager
-
-        if self.include_path and not os.path.isdir(self.include_path):
-            raise ConfigError(
-                "task include path is not a folder", where=self.include_path, fix="point it at a folder of task YAML"
-            )
-        if self._manager is None:
-            self._manager = TaskManager(include_path=self.include_path, include_defaults=self.include_path is None)
-        known = set(self._manager.all_tasks)
-        if self.include_path and any(n not in known for n in names):
-            self._manager = TaskManager(include_path=self.include_path, include_defaults=True)
-            known = set(self._manager.all_tasks)
-        missing = [n for n in names if n not in known]
-        if missing:
-            import difflib
-
-            hint = difflib.get_close_matches(missing[0], sorted(known), n=1)
-            form = ("tasks are named <task>_<split> with splits given by name"
-                    if self.splits.mode == "named" else "name an lm-eval task or group")
-            if self.splits.mode == "carve" and f"{missing[0]}_search" in known:
-                form = (f"{missing[0]!r} is already split into {missing[0]}_<split> tasks: add "
-                        "objective.splits: {search: search, select: select, report: report}")
-            raise ConfigError(
-                f"unknown lm-eval task {missing[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
-                where=self.include_path or "lm-eval built-in tasks",
-                fix=f"{form}; check the task list and objective.tasks_dir",
-            )
+        """A TaskManager that knows `names` (see `task_manager`), kept for the next call."""
+        self._manager = task_manager(names, self.include_path, self.splits, self._manager)
         return self._manager
 
     def view(self, split: str) -> _View:
@@ -237,20 +258,26 @@ class LMEvalEvaluator:
 
     def _load(self, names: list[str], role: str | None) -> _View:
         manager = self._task_manager(names)
-        try:
-            with _quiet_lm_eval(), _quiet_datasets(not self.progress):
-                task_dict = manager.load(names)
-        except (FileNotFoundError, OSError, ValueError) as exc:  # the task's data could not be read
-            raise ConfigError(
-                f"lm-eval could not load the data of task(s) {', '.join(names)}: {str(exc).splitlines()[0][:300]}",
-                where=self.include_path or "lm-eval built-in tasks",
-                fix="check the task's dataset_path / data_files (relative data_files are read from the current "
-                    "folder); offline, a hub data set must already be in the HF cache",
-            ) from None
+        # the task's data could not be read: a missing or malformed JSONL line, an empty file (datasets
+        # raises a bare StopIteration), a hub data set not in the cache
+        def unreadable():
+            return user_errors(
+                where=self.include_path or "lm-eval built-in tasks", what=f"lm-eval could not load task(s) "
+                f"{', '.join(names)}: ", also=(OSError, ValueError, KeyError, StopIteration),
+                fix="check the task's data files (one JSON object per line, at least one item; relative "
+                    "data_files are read from the current folder); offline, a hub data set must already be in "
+                    "the HF cache")
+
+        with unreadable(), _quiet_lm_eval(), _quiet_datasets(not self.progress):
+            task_dict = manager.load(names)
         tasks = task_dict["tasks"] if isinstance(task_dict, dict) and "tasks" in task_dict else task_dict
         leaves = {}
         for name, task in tasks.items():
-            docs = list(task.eval_docs)
+            with unreadable():
+                docs = list(task.eval_docs)
+            if not docs:
+                raise ConfigError(f"task {name!r} has no items", where=self.include_path or "lm-eval built-in tasks",
+                                  fix="give the task's data file at least one item")
             keys = [self._key(task, d) for d in docs]
             cut = carving.named(keys, role) if role else carving.carve(
                 keys, self.splits.fractions.model_dump(), self.splits.seed)

@@ -77,7 +77,30 @@ class ScoringProtocol(_Strict):
         bad = [k for k in self.gen_kwargs if not isinstance(k, str)]
         if bad:
             raise ValueError(f"gen_kwargs keys must be names, got {bad[0]!r}")
+        for key, value in self.gen_kwargs.items():
+            _check_gen_value(key, value)
         return self
+
+
+# the value each common generation setting takes (checked where the protocol is read, so that a wrong
+# type fails before the first trial, not inside lm-eval's or transformers' generate)
+_WHOLE = ("max_gen_toks", "max_new_tokens", "min_new_tokens", "num_beams", "top_k", "no_repeat_ngram_size")
+_NUMBER = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+
+
+def _check_gen_value(key: str, value: Any) -> None:
+    def wrong(want: str) -> ValueError:
+        return ValueError(f"gen_kwargs.{key} must be {want}, got {value!r}")
+
+    if key in _WHOLE and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_k" else 1)):
+        raise wrong("a whole number" + (" >= 0" if key == "top_k" else " >= 1"))
+    if key in _NUMBER and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise wrong("a number >= 0")
+    if key == "do_sample" and not isinstance(value, bool):
+        raise wrong("true or false")
+    if key == "until" and not (isinstance(value, str) or (isinstance(value, list) and value
+                                                          and all(isinstance(v, str) for v in value))):
+        raise wrong("a string or a list of strings")
 
 
 def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:

@@ -28,6 +28,7 @@ from evomerge.errors import ConfigError
 from evomerge.yamlfile import comment_header
 from evomerge.yamlfile import parse as parse_yaml
 from evomerge.yamlfile import read_text
+from evomerge.engine.seeds import DEFAULT_SEED, Seed
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 # mergekit's router also reads these two spellings: "hidden" is the last prompt token's hidden state,
@@ -35,7 +36,6 @@ GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 GATE_MODE_ALIASES = ("hidden_avg", "hidden_last")
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_SEED = 0
 
 
 class _Strict(BaseModel):
@@ -76,7 +76,7 @@ class MoEConfig(_Strict):
     experts_per_token: int = 2
     shared_experts: list[Expert] | None = None
     architecture: str | None = None
-    random_seed: int | None = None
+    random_seed: Seed | None = None
 
     # --- reading --------------------------------------------------------------------------------
     @classmethod
@@ -131,15 +131,11 @@ class MoEConfig(_Strict):
         return where
 
     def relocated(self, root: str | os.PathLike) -> "MoEConfig":
-        """The same config with every model folder looked up by its name under `root`."""
-        names: dict[str, str] = {}
-        for model in self.referenced_models():
-            name = Path(model.rstrip("/\\")).name
-            if names.setdefault(name, model) != model:
-                raise ConfigError(f"--model-root cannot tell {names[name]!r} and {model!r} apart: both folders "
-                                  f"are named {name!r}", where="--model-root",
-                                  fix="build with the paths as written, or rename one of the folders")
-        mapping = {model: str(Path(root) / name) for name, model in names.items()}
+        """The same config with every model folder looked up by its name under `root` (never outside it)."""
+        from evomerge.engine.model_root import under_root
+
+        mapping = under_root(self.referenced_models(), root,
+                             fix="build with the paths as written, or rename one of the folders")
         data = self.to_dict()
         data["base_model"] = mapping[data["base_model"]]
         for key in ("experts", "shared_experts"):

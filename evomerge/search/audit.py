@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, user_errors
 
 
 def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
@@ -25,6 +25,7 @@ def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
     from evomerge.evaluation import stats
     from evomerge.search.evidence import markdown
     from evomerge.search.record import protocol_lines, stored
+    from evomerge.search.study import load_run_study
 
     run = Path(run_dir)
     db = run / "study.db"
@@ -32,8 +33,10 @@ def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
         raise ConfigError("not an evomerge run folder (no study.db)", where=str(run),
                           fix="give the --out folder of a finished `evomerge search`")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{db}")
-    record, report_log = stored(study)
+    damaged = dict(fix="the run folder is damaged: restore it, or run the search again into a new --out")
+    with user_errors(where=str(db), what="cannot read the run's study: ", **damaged):
+        study = load_run_study(f"sqlite:///{db}")
+        record, report_log = stored(study)
     breaches: list[str] = []
     lines = [f"# evomerge audit: {run}", ""]
     lines += ["## Protocol, splits and items", ""] + [f"- {x}" for x in protocol_lines(record, report_log)] + [""]
@@ -47,7 +50,11 @@ def audit_run(run_dir: str | Path) -> tuple[str, list[str]]:
             breaches.append(f"{n - report_log[0]['trials']} trial(s) ran after the report split was first evaluated")
     cache = study.user_attrs.get("report_scores", {})
     ev_path = run / "evidence.json"
-    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else None
+    with user_errors(where=str(ev_path), what="cannot read the run's evidence: ", also=(ValueError, OSError),
+                     **damaged):
+        ev = json.loads(ev_path.read_text(encoding="utf-8")) if ev_path.is_file() else None
+    if ev is not None and not (isinstance(ev, dict) and isinstance(ev.get("models", {}), dict)):
+        raise ConfigError("evidence.json is not the evidence a run writes", where=str(ev_path), **damaged)
     if ev:
         lines += markdown(ev)
         stored_items = next((v["items"] for v in cache.values() if isinstance(v, dict) and v.get("items")), {})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge.errors import ConfigError
+from evomerge.search.progress import Progress
 
 
 def _objective(space_path, tasks, tasks_dir, metric):
@@ -58,7 +59,7 @@ def _labels(models: list[str]) -> list[str]:
 def eval_models(models: list[str], *, space: str | None = None, tasks: list[str] | None = None,
                 tasks_dir: str | None = None, metric: str = "exact_match", split: str = "report",
                 limit: int | None = None, out: str | os.PathLike | None = None, device: str = "cpu",
-                dtype: str = "float32", trust_remote_code: bool = False, log=print) -> dict:
+                dtype: str = "float32", trust_remote_code: bool = False, log=print, progress: bool = True) -> dict:
     """Score every model on the same items; returns (and writes under `out`) the table as data."""
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.execution import resolve_device
@@ -71,6 +72,10 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}", where="--limit", fix="omit it for every item")
     objective, sp = _objective(space, tasks, tasks_dir, metric)
+    from evomerge.evaluation.evaluate import task_manager
+
+    task_manager([objective.splits.task_name(t.task, split) for t in objective.tasks], objective.tasks_dir,
+                 objective.splits, builtins=False)  # a typo is refused before any model is opened
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, bfloat16 or float16")
     device = resolve_device(device)
@@ -80,10 +85,12 @@ def eval_models(models: list[str], *, space: str | None = None, tasks: list[str]
     finally:
         sources.close()
     out_dir = Path(out) if out else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} exists and is not a folder", where="--out", fix="choose another --out")
+    if out_dir is not None:  # before any model is scored
+        from evomerge.engine.output import check_creatable
+
+        check_creatable(out_dir, "--out", "choose another --out")
     comparison = _Comparison(objective, sp, split, limit, device, dtype, trust_remote_code,
-                             where="--tasks" if tasks else f"{space}: objective.tasks", log=log)
+                             where="--tasks" if tasks else f"{space}: objective.tasks", log=log, progress=progress)
     result = comparison.run(models)
     text = markdown(result)
     log(text)
@@ -105,6 +112,7 @@ class _Comparison:
     trust_remote_code: bool
     where: str  # what a metric the tasks do not report points at
     log: Callable = print
+    progress: bool = True  # one bar over the models (done / total, ETA)
 
     def run(self, models: list[str]) -> dict:
         """Every model scored (per item) on the same items; intervals and paired tests against the first."""
@@ -117,9 +125,15 @@ class _Comparison:
         w = mixture_weights(objective)
         rows: dict[str, Any] = {}
         items: dict[str, dict] = {}
-        for label, path in zip(labels, models):
-            rows[label], items[label] = self._score(evaluator, label, path)
-            rows[label]["mixture"] = stats.mixture_ci(items[label], w).as_dict()
+        bar = Progress(self.progress, len(models), 0, desc="eval", unit="model")
+        try:
+            for label, path in zip(labels, models):
+                bar.name(label)
+                rows[label], items[label] = self._score(evaluator, label, path)
+                rows[label]["mixture"] = stats.mixture_ci(items[label], w).as_dict()
+                bar.step()
+        finally:
+            bar.close()
         first = labels[0]
         paired = {}
         for label in labels[1:]:
@@ -186,9 +200,10 @@ def _write(out_dir: Path, result: dict, text: str, log: Callable) -> None:
     import matplotlib.pyplot as plt
 
     fig = score_chart(chart, f"{result['split']}: mixture with 95% intervals (first model green)")
-    fig.set_size_inches(8, 1.5 + 0.5 * len(rows))
+    fig.set_size_inches(8, 2 + 0.5 * len(rows))
+    fig.tight_layout()  # again at the final size, so the title and the axis label stay inside
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     atomic_write(out_dir / "eval.png", buf.getvalue())
     log(f"wrote {out_dir / 'eval.md'}, eval.json, eval.png")

@@ -13,12 +13,40 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from evomerge.errors import ConfigError
 from evomerge.executors.worker import TrialJob
 from evomerge.search.candidates import Candidate
 from evomerge.search.jobs import each_outcome, short
+from evomerge.search.progress import Progress
 from evomerge.search.space import SearchSpace
 
 PARENT_AUDIT_ATTR = "parent_audit"  # study user attr: {label: {"lineage": ..., "membership": ...}}
+
+
+def read_reference_items(path: str, where: str) -> list[str]:
+    """The texts of a reference-items JSONL (each line an object with `text`, or `prompt` and `answer`);
+    a missing file, a malformed line or no item at all is a ConfigError naming the line. The pre-flight
+    reads it, so a bad file fails before the search, not after it."""
+    fix = 'one JSON object per line: {"text": ...} or {"prompt": ..., "answer": ...}'
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({type(exc).__name__})", where=where, fix=fix) from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"line {n} of {path} is not JSON ({exc})", where=where, fix=fix) from None
+        if not isinstance(row, dict) or not ("text" in row or "prompt" in row) or \
+                not all(isinstance(v, str) for k, v in row.items() if k in ("text", "prompt", "answer")):
+            raise ConfigError(f"line {n} of {path} has no text (or prompt) string", where=where, fix=fix)
+        out.append(row["text"] if "text" in row else f"{row.get('prompt', '')}{row.get('answer', '')}")
+    if not out:
+        raise ConfigError(f"{path} holds no item", where=where, fix=fix)
+    return out
 
 
 def reference_texts(space: SearchSpace) -> tuple[list[str], str] | tuple[None, str]:
@@ -27,12 +55,7 @@ def reference_texts(space: SearchSpace) -> tuple[list[str], str] | tuple[None, s
     for the toy family's tasks freshly drawn items of each skill that are in none of its data files."""
     obj = space.objective
     if obj.reference_items:
-        out = []
-        with open(obj.reference_items, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    out.append(row["text"] if "text" in row else f"{row.get('prompt', '')}{row.get('answer', '')}")
+        out = read_reference_items(obj.reference_items, f"{space.path or 'space'}: objective.reference_items")
         return out, f"{obj.reference_items} ({len(out)} items)"
     from evomerge.toy.family import family
 
@@ -64,7 +87,7 @@ def reference_texts(space: SearchSpace) -> tuple[list[str], str] | tuple[None, s
         (None, "no reference items")
 
 
-def parent_audit(space: SearchSpace, executor, winner: Candidate, log: Callable) -> dict:
+def parent_audit(space: SearchSpace, executor, winner: Candidate, log: Callable, progress: bool = False) -> dict:
     """Lineage of every parent, and Min-K%++ membership AUROC of every parent and the winner on the
     report items against reference items (when there are any)."""
     from evomerge.evaluation.membership import lineage
@@ -83,12 +106,17 @@ def parent_audit(space: SearchSpace, executor, winner: Candidate, log: Callable)
         "reference items)")
     runs = [TrialJob(i, recipe.to_dict(), "membership", None, space.budget.seed, tag="membership",
                      reference=tuple(refs)) for i, (_, recipe) in enumerate(jobs)]
-    for outcome in each_outcome(executor, runs):
-        label = jobs[outcome.number][0]
-        if outcome.ok:
-            m = outcome.metrics["membership"]
-            out[label]["membership"] = {"auroc": m["auroc"], "report_items": int(m["report_items"]),
-                                        "reference_items": int(m["reference_items"]), "reference": source}
-        else:
-            out[label]["membership_error"] = short(outcome.error or "failed", 300)
+    bar = Progress(progress, len(runs), 0, desc="membership", unit="model")
+    try:
+        for outcome in each_outcome(executor, runs):
+            label = jobs[outcome.number][0]
+            if outcome.ok:
+                m = outcome.metrics["membership"]
+                out[label]["membership"] = {"auroc": m["auroc"], "report_items": int(m["report_items"]),
+                                            "reference_items": int(m["reference_items"]), "reference": source}
+            else:
+                out[label]["membership_error"] = short(outcome.error or "failed", 300)
+            bar.step(label)
+    finally:
+        bar.close()
     return out

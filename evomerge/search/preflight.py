@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, user_errors
 from evomerge.search.jobs import worker_spec
 from evomerge.search.options import RunOptions
+from evomerge.search.progress import Progress
 from evomerge.search.space import SearchSpace
 
 
@@ -28,16 +29,27 @@ def preflight(space: SearchSpace, options: RunOptions | None = None):
 
     opts = options or RunOptions()
     src = space.path or "space"
-    audit: dict = {"public_benchmarks": _public_benchmarks(space, opts.allow_public_benchmark, src), "overlap": None}
-    _check_sources(space, opts.trust_remote_code, src)
-    worker = Worker(worker_spec(space, evaluator=opts.evaluator, threads=opts.threads_per_worker,
-                                trust_remote_code=opts.trust_remote_code, verbose=opts.verbose,
-                                # Ray workers build their own; the driver's check model stays on the CPU
-                                device=opts.device if opts.in_process else "cpu"))
-    audit["overlap"] = _check_evaluator(space, worker, opts, src)
-    record = protocol_record(space, worker.evaluator)
+    bar = Progress(opts.progress, len(STEPS), 0, desc="pre-flight", unit="step")
+    try:
+        bar.name(STEPS[0])
+        audit: dict = {"public_benchmarks": _public_benchmarks(space, opts.allow_public_benchmark, src),
+                       "overlap": None}
+        _check_sources(space, opts.trust_remote_code, src)
+        bar.step(STEPS[1])
+        worker = Worker(worker_spec(space, evaluator=opts.evaluator, threads=opts.threads_per_worker,
+                                    trust_remote_code=opts.trust_remote_code, verbose=opts.verbose,
+                                    # Ray workers build their own; the driver's check model stays on the CPU
+                                    device=opts.device if opts.in_process else "cpu"))
+        audit["overlap"] = _check_evaluator(space, worker, opts, src, bar)
+        record = protocol_record(space, worker.evaluator)
+        bar.step()
+    finally:
+        bar.close()
     record["audit"] = audit
     return worker, record
+
+
+STEPS = ("sources", "models and tasks", "splits and metrics", "overlap audit", "one-item dry run")
 
 
 def _public_benchmarks(space: SearchSpace, allowed: bool, src: str) -> list[list[str]]:
@@ -87,24 +99,33 @@ def _check_sources(space: SearchSpace, trust_remote_code: bool, src: str) -> Non
         sources.close()
 
 
-def _check_evaluator(space: SearchSpace, worker, opts: RunOptions, src: str) -> dict | None:
+def _check_evaluator(space: SearchSpace, worker, opts: RunOptions, src: str, bar: Progress) -> dict | None:
     """Set the worker up (model and tasks), then what its evaluator can tell: split sizes, metric
     directions, tasks an item estimate can use, the overlap audit (returned, with evidence on), and a
     one-item dry run."""
     from evomerge.search.fitness import check_tasks
+    from evomerge.search.parents import read_reference_items
 
     overlap = None
     try:
         worker.setup()
         ev = worker.evaluator
+        bar.step(STEPS[2])
         if hasattr(ev, "sizes"):
             _check_sizes(space, ev, src)
         if hasattr(ev, "higher_is_better"):
             _check_directions(space, ev.higher_is_better("search"), src)
         check_tasks(ev, space.objective, space.budget.fitness_mode, src)
+        bar.step(STEPS[3])
         if opts.evidence and hasattr(ev, "audit_items"):
             overlap = _overlap_audit(ev.audit_items(), opts.allow_overlap, src)
-        result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
+        if opts.evidence and space.objective.reference_items:  # read after the search: checked now
+            read_reference_items(space.objective.reference_items, f"{src}: objective.reference_items")
+        bar.step(STEPS[4])
+        with user_errors(where=f"{src}: objective.protocol", what="the one-item dry run failed: ",
+                         fix="check the protocol's gen_kwargs and the tokenizer's chat template (with "
+                             "apply_chat_template), and the tasks' YAML"):
+            result = ev.evaluate(worker.model, "search", limit=1, seed=space.budget.seed)
     except ConfigError as exc:
         raise _at_task(exc, space, src) from None
     _check_dry_run(result, space, src)
