@@ -3,6 +3,7 @@ the workers sit while trials remain.
 
     scripts/netns.sh -- .venv/bin/python benchmarks/ray_throughput.py               # ~3-5 min on 2 cores
     scripts/netns.sh -- .venv/bin/python benchmarks/ray_throughput.py --trials 12 --limit 32   # quicker
+    scripts/netns.sh -- .venv/bin/python benchmarks/ray_throughput.py --workers 2 --batch 2 4  # --batch's cost
 
 Must run inside a loopback-only namespace (scripts/netns.sh); it refuses otherwise.
 
@@ -42,15 +43,21 @@ import ray_common  # noqa: E402
 from ray_common import log  # noqa: E402
 
 
-def drive(executor, jobs) -> dict:
-    """Run `jobs` keeping every slot busy; returns outcomes and driver-side timestamps."""
+def drive(executor, jobs, batch: int | None = None) -> dict:
+    """Run `jobs` keeping every slot busy; returns outcomes and driver-side timestamps. With `batch`, as
+    the search's `--batch` does: rounds of `batch` jobs, the next round only once every job of the last
+    one is back (workers wait for the slowest job of each round)."""
     queue = list(jobs)
     outcomes = []
     in_flight = 0
     t0 = time.time()
     queue_empty_at = None
+    round_left = 0
     while queue or in_flight:
-        while queue and in_flight < executor.slots:
+        if batch is not None and round_left == 0 and in_flight == 0:
+            round_left = min(batch, len(queue))
+        while queue and in_flight < executor.slots and (batch is None or round_left > 0):
+            round_left -= 1 if batch is not None else 0
             executor.submit(queue.pop(0))
             in_flight += 1
         if not queue and queue_empty_at is None:
@@ -122,6 +129,8 @@ def main() -> int:
     ap.add_argument("--synthetic", metavar="HIDDENxLAYERS",
                     help="score a bigger random bf16 family on the toy tokenizer/tasks instead (e.g. 256x4)")
     ap.add_argument("--no-in-process", action="store_true", help="skip the in-process reference")
+    ap.add_argument("--batch", type=int, nargs="*", default=[],
+                    help="also drive the largest pool in rounds of N jobs, as `evomerge search --batch N` does")
     args = ap.parse_args()
     ray_common.require_loopback_namespace(__file__)
 
@@ -169,20 +178,24 @@ def main() -> int:
         startup[name] = round(startup.get(name, 0.0) + time.time() - t, 1)
         log(f"{name}: started and warmed up in {startup[name]} s")
 
-    names = list(executors)
+    largest = f"ray_{max(args.workers)}"
+    batches = {f"{largest}_batch{b}": b for b in args.batch}
+    names = list(executors) + list(batches)
     per_round: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            n, ex = executors[name]
-            per_round[name].append(summarize(f"round {r} {name}", n, drive(ex, jobs), args.trials))
+            n, ex = executors[largest if name in batches else name]
+            run = drive(ex, jobs, batches.get(name))
+            per_round[name].append(summarize(f"round {r} {name}", n, run, args.trials))
     for _, ex in executors.values():
         ex.close()
     ray.shutdown()
 
     configs = {}
     for name, rounds in per_round.items():
-        n = executors[name][0]
+        pool = largest if name in batches else name
+        n = executors[pool][0]
         wall = sum(x["wall_s"] for x in rounds)
         idle = [x["idle_fraction_while_trials_remain"] for x in rounds]
         configs[name] = {
@@ -203,9 +216,11 @@ def main() -> int:
                 x["median_gap_between_trials_ms"] for x in rounds if x["median_gap_between_trials_ms"] is not None),
             "max_gap_between_trials_ms": max(
                 x["max_gap_between_trials_ms"] or 0 for x in rounds),
-            "startup_and_warmup_s": startup[name],
+            "startup_and_warmup_s": startup[pool],
         }
     result["configs"] = configs
+    for name in batches:  # what reproducible rounds cost against the asynchronous default, same pool
+        result[f"{name}_over_async"] = round(configs[name]["trials_per_hour"] / configs[largest]["trials_per_hour"], 3)
 
     if "ray_1" in configs and "ray_2" in configs:
         speedup = configs["ray_2"]["trials_per_hour"] / configs["ray_1"]["trials_per_hour"]

@@ -23,6 +23,8 @@ import optuna
 import pytest
 
 from evomerge.cli import main
+from evomerge.search.study import load_run_study
+from guards import hang_guard, wait_while_progressing
 
 ROOT = Path(__file__).resolve().parents[1]
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
@@ -71,7 +73,7 @@ search: {trials: 10, seed: 0, limit: 48, top_k: 3, sampler: tpe}
 
 
 def load(out: Path):
-    return optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+    return load_run_study(f"sqlite:///{out / 'study.db'}")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,7 @@ def test_resume_after_sigkill_completes_budget_without_duplicates(tmp_path):
     out = tmp_path / "run"
     cmd = EVOMERGE + ["search", str(space), "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
+    deadline = time.time() + hang_guard(60)
     while _completed(out) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
@@ -156,8 +158,10 @@ def test_resume_after_sigkill_completes_budget_without_duplicates(tmp_path):
     proc.wait()
     before = {t.number: t for t in load(out).trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert 3 <= len(before) < 8
-    done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # the resumed run is waited on while its trials keep finishing, not against a clock
+    done = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code = wait_while_progressing(done, lambda: (_completed(out), (out / "best.yaml").exists()), stall=hang_guard(60))
+    assert code == 0, done.stdout.read()[-3000:]
     study = load(out)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 8
@@ -204,17 +208,43 @@ def test_user_mistakes_exit_2_fast(tmp_path):
     bad = space_file(tmp_path, SLERP.replace("points: 2", "pionts: 2"))
     t0 = time.perf_counter()
     r = subprocess.run(EVOMERGE + ["search", str(bad), "--out", str(tmp_path / "o")], env=env(),
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=hang_guard(20))
     assert r.returncode == 2
     assert "parameters.slerp.t.pionts" in r.stderr and "did you mean 'points'" in r.stderr
     missing = subprocess.run(EVOMERGE + ["search", str(tmp_path / "nope.yaml")], env=env(), capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=hang_guard(20))
     assert missing.returncode == 2 and "not found" in missing.stderr
     trials0 = subprocess.run(EVOMERGE + ["search", str(space_file(tmp_path, SLERP, "ok.yaml")), "--trials", "0"],
-                             env=env(), capture_output=True, text=True, timeout=120)
+                             env=env(), capture_output=True, text=True, timeout=hang_guard(20))
     assert trials0.returncode == 2 and "--trials" in trials0.stderr
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "o").exists()  # nothing was created before the error
+
+
+def test_resuming_a_finished_run_shows_its_result_and_keeps_its_times(tmp_path, capsys, monkeypatch):
+    """The same command again on a finished run: no pre-flight, nothing scored, the stored result printed;
+    report.md keeps the wall time the search took (not the second's), with its stages."""
+    import re
+
+    import evomerge.search.run as run_module
+
+    space = space_file(tmp_path, SLERP.replace("limit: 48", "limit: 8").replace("top_k: 3", "top_k: 1"))
+    out = tmp_path / "run"
+    argv = ["search", str(space), "--out", str(out), "--no-progress", "--trials", "3"]
+    assert main(argv) == 0
+    first = (out / "report.md").read_text()
+    capsys.readouterr()
+
+    def no_preflight(*args, **kwargs):
+        raise AssertionError("a finished run needs no pre-flight")
+
+    monkeypatch.setattr(run_module, "preflight", no_preflight)
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "finished its budget and its report" in said and "(winner)" in said
+    wall = re.compile(r"wall time: ([\d.]+ s) \(pre-flight [\d.]+ s, trials [\d.]+ s, select and report [\d.]+ s\)")
+    assert wall.search(first) and wall.search(first).group(0) == wall.search((out / "report.md").read_text()).group(0)
+    assert load(out).user_attrs["wall_seconds"]["invocations"] == 1
 
 
 def test_cli_resume_keeps_settings_and_guards_the_report(tmp_path, capsys):
@@ -242,11 +272,12 @@ def test_one_clean_display_with_progress_for_select_and_report(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(EVOMERGE + ["search", str(ROOT / "search_spaces" / "toy_carved.yaml"), "--trials", "2",
                                    "--limit", "8", "--top-k", "1", "--out", str(out)],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=hang_guard(60))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [x.strip() for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
-    assert lines and all(x.split(":")[0] in ("search", "select", "report") for x in lines), lines
-    for bar in ("search: 100%", "select: 100%", "report: 100%"):
+    phases = ("pre-flight", "search", "naive (search)", "select", "report", "membership")
+    assert lines and all(x.split(":")[0] in phases for x in lines), lines
+    for bar in ("pre-flight: 100%", "search: 100%", "select: 100%", "report: 100%"):
         assert any(x.startswith(bar) for x in lines), (bar, lines)
     # tqdm writes candidate/s, or s/candidate when slower than one a second: the unit either way
     assert any(x.startswith("report: 100%") and "candidate" in x and "best=" in x for x in lines), lines

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from guards import hang_guard
+
 from evomerge.toy import family as toy
 from evomerge.errors import ConfigError
 from evomerge.evaluation.evaluate import EvalResult, LMEvalEvaluator
@@ -99,7 +101,7 @@ def test_tasks_run_through_lm_eval_cli(fam, tmp_path):
         "--include_path", str(fam.tasks_dir), "--tasks", "toy_up_report", "--device", "cpu",
         "--batch_size", "64", "--limit", "40", "--output_path", str(tmp_path / "out"),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=hang_guard(30))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "toy_up_report" in done.stdout and "exact_match" in done.stdout
 

@@ -20,6 +20,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.evaluation.overlap import Item, find
+from evomerge.search.study import load_run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,7 +144,7 @@ def test_report_carries_intervals_paired_tests_drop_and_truncation(tmp_path):
     # recompute one pair independently from the stored per-item scores
     import optuna
 
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+    study = load_run_study(f"sqlite:///{out / 'study.db'}")
     cache = study.user_attrs["report_scores"]
     w_items = cache[ev["winner"]]["items"]
     assert ev["models"][ev["winner"]]["report"]["point"] == pytest.approx(
@@ -178,7 +179,7 @@ def test_audit_of_a_run_and_of_a_run_that_broke_its_protocol(tmp_path, capsys):
     for part in ("## Protocol, splits and items", "items mine_up_report: report", "overlap audit: 180 items",
                  "## Evidence: intervals and paired tests", "the run kept its protocol"):
         assert part in text, part
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+    study = load_run_study(f"sqlite:///{out / 'study.db'}")
     note_report(study, ["trial 0"])  # a second look at the report split
     assert main(["audit", str(out)]) == 1
     assert "BROKEN: the report split was evaluated 2 times" in capsys.readouterr().out

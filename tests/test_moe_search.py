@@ -19,6 +19,7 @@ import pytest
 from evomerge.cli import main
 from evomerge.errors import ConfigError
 from evomerge.search.spacefile import load_space
+from evomerge.search.study import load_run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,7 +148,7 @@ def test_moe_search_best_yaml_builds_the_scored_model(run, tmp_path):
     from evomerge.search.suggest import build_recipe
 
     out = run["out"]
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{out / 'study.db'}")
+    study = load_run_study(f"sqlite:///{out / 'study.db'}")
     winner = study.user_attrs["winner"]
     space = load_space(run["space"])
     best = load_moe_config(out / "best.yaml")

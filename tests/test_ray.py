@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from guards import hang_guard
+
 from evomerge.executors.worker import TrialJob, TrialOutcome, WorkerSpec
 
 pytestmark = pytest.mark.ray
@@ -566,12 +568,12 @@ def test_real_workers_on_two_nodes_equal_in_process(cluster, toy_family):
     jobs = [TrialJob(number=i, recipe=r, split="search", limit=16, seed=1)
             for i, r in enumerate(toy_recipes(toy_family))]
     with RayExecutor(spec, workers=2, address=cluster, timeout=120) as ex:
-        remote = {o.number: o for o in run_all(ex, jobs, timeout=900)}  # a guard against hangs only
+        remote = {o.number: o for o in run_all(ex, jobs, timeout=hang_guard(90))}  # a guard against hangs only
     assert all(o.ok for o in remote.values()), {n: o.error for n, o in remote.items() if not o.ok}
     assert len({o.node for o in remote.values()}) == 2, "trials should have run on both nodes"
 
     local = InProcessExecutor(spec)
-    here = {o.number: o for o in run_all(local, jobs, timeout=900)}
+    here = {o.number: o for o in run_all(local, jobs, timeout=hang_guard(90))}
     assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
     for n in here:
         assert remote[n].metrics == here[n].metrics, f"trial {n}: Ray and in-process results differ"
@@ -614,9 +616,9 @@ def test_carved_splits_and_fewshot_on_ray_equal_in_process(cluster, toy_family, 
     jobs = [TrialJob(number=i, recipe=r, split=split, limit=12, seed=1)
             for i, (r, split) in enumerate((r, s) for r in recipes for s in ("search", "select"))]
     with RayExecutor(spec, workers=2, address=cluster, timeout=120) as ex:
-        remote = {o.number: o for o in run_all(ex, jobs, timeout=900)}
+        remote = {o.number: o for o in run_all(ex, jobs, timeout=hang_guard(90))}
     assert all(o.ok for o in remote.values()), {n: o.error for n, o in remote.items() if not o.ok}
-    here = {o.number: o for o in run_all(InProcessExecutor(spec), jobs, timeout=900)}
+    here = {o.number: o for o in run_all(InProcessExecutor(spec), jobs, timeout=hang_guard(90))}
     assert all(o.ok for o in here.values()), {n: o.error for n, o in here.items() if not o.ok}
     for n in here:
         assert remote[n].metrics == here[n].metrics, f"job {n}: Ray and in-process results differ"
@@ -670,7 +672,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
 
     first = subprocess.Popen(default_sigint(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 900  # a guard against hangs only
+        deadline = time.monotonic() + hang_guard(90)  # a guard against hangs only
         while states().count(optuna.trial.TrialState.COMPLETE) < 2:
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no trial completed in time"
@@ -689,7 +691,7 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
         assert time.monotonic() < deadline, f"CPUs not released: {ray.available_resources()}"
         time.sleep(0.5)
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(90))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     trials = optuna.load_study(study_name=None, storage=storage).get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -697,3 +699,37 @@ def test_cli_search_on_two_nodes_survives_ctrl_c_and_resumes(cluster, toy_family
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING], "a trial stayed RUNNING"
     nodes = {t.user_attrs["timings"]["worker"].rsplit(":", 1)[0] for t in complete}
     assert len(nodes) == 2, f"trials should have run on both nodes, got {nodes}"
+
+
+def test_batch_mode_gives_the_same_trials_on_two_workers_twice_and_in_process(cluster, toy_family, tmp_path):
+    """`--batch`: the same seed gives the same trials (parameters and values) with two Ray workers, twice,
+    and in process, although the workers finish in whatever order they happen to."""
+    from evomerge.search.run import run_search
+    from evomerge.search.spacefile import load_space
+
+    first, second = toy_family.skills[:2]
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(textwrap.dedent(f"""
+        name: ray_batch
+        models: [toy:{first}, toy:{second}]
+        base_model: toy:base
+        method: task_arithmetic
+        parameters:
+          task_arithmetic:
+            weight: {{low: 0.0, high: 1.0}}
+        objective:
+          tasks_dir: toy
+          tasks: [toy_{first}, toy_{second}]
+          splits: {{search: search, select: select, report: report}}
+        search: {{trials: 10, seed: 4, sampler: tpe, limit: 8, batch: 2}}
+        """))
+    space = load_space(space_file)
+    runs = []
+    for i, ray_options in enumerate([{"workers": 2, "ray_address": cluster}] * 2 + [{}]):
+        result = run_search(space, tmp_path / f"run{i}", progress=False, select=False, write=False, evidence=False,
+                            threads_per_worker=1, trial_timeout=300, **ray_options)
+        runs.append([(t.params, t.state, t.values) for t in result.study.trials])
+        if ray_options:
+            nodes = {t.user_attrs["timings"]["worker"].rsplit(":", 1)[0] for t in result.study.trials}
+            assert len(nodes) == 2, nodes
+    assert len(runs[0]) == 10 and runs[0] == runs[1] == runs[2]

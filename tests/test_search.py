@@ -17,7 +17,7 @@ import pytest
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.run import run_search
 from evomerge.search.spacefile import load_space
-from evomerge.search.study import INTERRUPTED, create_study, default_storage
+from evomerge.search.study import INTERRUPTED, create_study, default_storage, load_run_study
 from evomerge.executors.worker import TrialOutcome
 from test_space import make_models
 
@@ -248,6 +248,41 @@ def test_gp_sampler_runs_after_its_random_start(tmp_path):
     assert runs[0] == runs[1]
 
 
+class ShuffledExecutor(FakeExecutor):
+    """Returns a seeded random part of what is in flight on each wait: workers finishing in any order."""
+
+    def __init__(self, slots: int, order_seed: int):
+        super().__init__(slots=slots)
+        import random
+
+        self.rng = random.Random(order_seed)
+
+    def wait(self, timeout=None):
+        if not self.queue:
+            return []
+        self.rng.shuffle(self.queue)
+        keep = self.rng.randrange(len(self.queue))
+        held, self.queue = self.queue[:keep], self.queue[keep:]
+        out = super().wait(timeout)
+        self.queue = held
+        return out
+
+
+def test_batch_mode_gives_the_same_trials_whatever_the_slots_and_the_order(tmp_path):
+    """`search.batch`: rounds of B trials told in trial order; the same seed gives the same trials with 1, 2
+    or 3 workers finishing in any order."""
+    runs = []
+    for i, (slots, order) in enumerate([(1, 0), (2, 1), (3, 2), (3, 7)]):
+        (tmp_path / str(i)).mkdir()
+        space = make_space(tmp_path / str(i), trials=12, sampler="tpe", seed=5, batch=3)
+        result = run_search(space, tmp_path / f"run{i}", executor=ShuffledExecutor(slots, order), progress=False,
+                            select=False, write=False)
+        runs.append([(t.params, t.state, t.values) for t in result.study.trials])
+    assert len(runs[0]) == 12 and all(r == runs[0] for r in runs)
+    # the setting is the study's: a resume keeps it
+    assert load_study_of(tmp_path / "run0").user_attrs["budget"]["batch"] == 3
+
+
 def test_parallel_slots_out_of_order(tmp_path):
     space = make_space(tmp_path, trials=12, sampler="tpe")
     ex = FakeExecutor(slots=3)
@@ -271,6 +306,19 @@ def test_a_broken_setup_stops_early(tmp_path):
         run_search(space, tmp_path / "run", executor=ex, progress=False)
     assert "first 3 trials all failed" in str(err.value) and "planted" in str(err.value)
     assert len(ex.jobs) == 3
+
+
+def test_the_study_takes_the_spaces_name_and_a_legacy_study_still_resumes(tmp_path):
+    space = make_space(tmp_path, trials=3)
+    result = run_search(space, tmp_path / "new", executor=FakeExecutor(), progress=False, select=False, write=False)
+    assert result.study.study_name == space.name == load_run_study(default_storage(tmp_path / "new")).study_name
+    # a run made before studies took their space's name: its study is called "evomerge", and resumes
+    old = tmp_path / "old"
+    old.mkdir()
+    create_study(space.with_overrides(trials=2), default_storage(old), study_name="evomerge")
+    again = run_search(space, old, executor=FakeExecutor(), progress=False, select=False, write=False)
+    assert again.study.study_name == "evomerge" and len(again.study.trials) == 3
+    assert optuna.study.get_all_study_names(default_storage(old)) == ["evomerge"]
 
 
 def test_resume_keeps_the_studys_settings_unless_a_flag_overrides(tmp_path):
@@ -323,7 +371,7 @@ def test_extending_a_reported_study_is_refused_unless_reopened(tmp_path):
 
 
 def load_study_of(out):
-    return optuna.load_study(study_name="evomerge", storage=default_storage(out))
+    return load_run_study(default_storage(out))
 
 
 def test_identical_candidates_are_not_scored_twice(tmp_path):

@@ -35,7 +35,7 @@ class Scorer:
         self.space, self.executor, self.log, self.progress = space, executor, log, progress
 
     def score(self, candidates: list[Candidate], split: str, cache: dict, key: Callable[[Candidate], Any], *,
-              tag: str | None = None, per_item: bool | None = None) -> None:
+              tag: str | None = None, per_item: bool | None = None, desc: str | None = None) -> None:
         """Score the candidates not already in `cache` (by `key`) on `split`, store each entry in the
         cache, and set every candidate's `scores[split]` from it."""
         if per_item is None:
@@ -43,7 +43,7 @@ class Scorer:
         pending = [c for c in candidates if key(c) not in cache]
         if pending:
             self.log(f"evomerge: scoring {len(pending)} candidate(s) on the {split!r} split")
-        bar = Progress(self.progress and bool(pending), len(pending), 0, desc=split, unit="candidate")
+        bar = Progress(self.progress and bool(pending), len(pending), 0, desc=desc or split, unit="candidate")
         b = self.space.budget
         limit = b.limit if split == "search" else None
         jobs = [TrialJob(i, c.recipe.to_dict(), split, limit, b.seed, tag=tag or split, per_item=per_item)

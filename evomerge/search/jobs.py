@@ -57,6 +57,28 @@ def each_outcome(executor, jobs: list[TrialJob]):
                 yield outcome
 
 
+class CountingExecutor:
+    """An executor that counts the jobs handed to it (`submitted`): whether an invocation did any work."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.submitted = 0
+
+    @property
+    def slots(self) -> int:
+        return self.inner.slots
+
+    def submit(self, job: TrialJob) -> None:
+        self.submitted += 1
+        self.inner.submit(job)
+
+    def wait(self, timeout=None):
+        return self.inner.wait(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def short(error: str, limit: int = 2000) -> str:
     """`error`, cut to `limit` characters (a trial's fail reason, a candidate's error)."""
     return error if len(error) <= limit else error[: limit - 3] + "..."

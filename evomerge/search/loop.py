@@ -2,7 +2,10 @@
 
 Why it exists: this is the heart of `evomerge search` (`run.run_search` calls `optimize`). It owns the
 order of events of the optimisation and nothing else:
-- asynchronous ask/tell over an `Executor` (as many trials in flight as it has slots);
+- asynchronous ask/tell over an `Executor` (as many trials in flight as it has slots), or with
+  `search.batch: B` synchronous rounds: B trials asked, every job of the round scored (on however many
+  workers), and the outcomes told in trial order, so the same seed gives the same trials whatever the
+  worker count and timing (a fidelity rung's next jobs form the next round);
 - a failed trial (the worker's error, a missing or NaN metric, a recipe the engine refuses) becomes a
   FAIL trial with its reason in the `fail_reason` user attribute, and the search goes on;
 - the fitness (`fitness.TrialFitness`): every item of the limit, item-count rungs whose values are
@@ -54,18 +57,19 @@ class TrialLoop:
         self.stats = {"completed": 0, "failed": 0, "pruned": 0, "reused": 0, "invalid": 0}
         self.best = best_value(study)
         self.scored = scored_recipes(study, space)  # recipe key -> the COMPLETE trial that scored it
+        self.batch = space.budget.batch  # None: asynchronous
+        self.pending: list = []  # batch mode: the jobs of the next round
 
     def run(self) -> dict:
         try:
             while True:
-                while len(self.live) < self.executor.slots and self.done + len(self.live) < self.target:
-                    self._start(self.study.ask())
+                self._ask()
                 if not self.live:
                     if self.done < self.target and self.executor.slots < 1:
                         raise EvomergeError("no worker is left to run trials (all were retired after failures)",
                                             where="executor", fix="check the worker logs; rerun to resume")
                     break
-                for outcome in self.executor.wait(None):
+                for outcome in self._outcomes():
                     trial = self.live.get(outcome.number)
                     if trial is not None:  # None: not ours (cannot happen with our executors); ignore
                         self._receive(trial, outcome)
@@ -75,6 +79,32 @@ class TrialLoop:
         finally:
             self.bar.close()
         return self.stats
+
+    def _ask(self) -> None:
+        """New trials: up to the executor's free slots (asynchronous), or a round of `batch` trials
+        once the last round has finished (a trial told at once, reused or invalid, counts in its round)."""
+        if self.batch is None:
+            while len(self.live) < self.executor.slots and self.done + len(self.live) < self.target:
+                self._start(self.study.ask())
+        elif not self.live:
+            for _ in range(min(self.batch, self.target - self.done)):
+                self._start(self.study.ask())
+
+    def _outcomes(self) -> list[TrialOutcome]:
+        """The next outcomes to tell: whatever finished (asynchronous), or every job of the round, in
+        trial order."""
+        if self.batch is None:
+            return self.executor.wait(None)
+        from evomerge.search.jobs import each_outcome
+
+        jobs, self.pending = self.pending, []
+        return sorted(each_outcome(self.executor, jobs), key=lambda o: o.number)
+
+    def _submit(self, job) -> None:
+        if self.batch is None:
+            self.executor.submit(job)
+        else:
+            self.pending.append(job)
 
     # -- a new trial ------------------------------------------------------------------------------
     def _start(self, trial) -> None:
@@ -103,7 +133,7 @@ class TrialLoop:
             return
         self.live[trial.number] = trial
         self.recipes[trial.number] = recipe.to_dict()
-        self.executor.submit(self.fit.job(trial.number, self.recipes[trial.number], 0))
+        self._submit(self.fit.job(trial.number, self.recipes[trial.number], 0))
 
     # -- an outcome -------------------------------------------------------------------------------
     def _receive(self, trial, outcome: TrialOutcome) -> None:
@@ -158,7 +188,7 @@ class TrialLoop:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 self.stats["pruned"] += 1
                 return True, None
-            self.executor.submit(self.fit.job(trial.number, self.recipes[trial.number], rung + 1))
+            self._submit(self.fit.job(trial.number, self.recipes[trial.number], rung + 1))
             return False, None
         trial.set_user_attr("tasks", task_values(metrics, self.space.objective, "search"))
         self.study.tell(trial, list(values) if len(values) > 1 else values[0])

@@ -23,7 +23,7 @@ def naive_candidates(study, scorer: Scorer, taken: list[Candidate]) -> list[Cand
     if grid:
         cache = dict(study.user_attrs.get(NAIVE_ATTR, {}))
         cands = [Candidate(label, None, recipe) for label, recipe in grid]
-        scorer.score(cands, "search", cache, lambda c: c.label, tag="naive")
+        scorer.score(cands, "search", cache, lambda c: c.label, tag="naive", desc="naive (search)")
         study.set_user_attr(NAIVE_ATTR, cache)
         scored = [c for c in cands if cache[c.label].get("score") is not None]
         if scored:

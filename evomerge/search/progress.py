@@ -1,7 +1,8 @@
-"""The search's progress bar: trials done / budget, best so far, elapsed, ETA; then the candidates.
+"""The progress display of every long phase: done / total, best so far, elapsed, ETA.
 
-Why it exists: the trial loop and the scoring of candidates on the select and report splits show the
-same display (tqdm on stderr, or nothing with --no-progress); one class keeps them alike.
+Why it exists: the pre-flight, the trials, the naive merges, the candidates scored on select and report,
+the membership audit and `evomerge eval` all show the same display (one tqdm bar at a time on stderr,
+or nothing with --no-progress); one class keeps them alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ class Progress:
                 post["failed"] = failed
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
+
+    def step(self, what: str | None = None) -> None:
+        """One step done; `what` names the next one (the pre-flight's stages, eval's models)."""
+        if self.bar is not None:
+            if what is not None:
+                self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+
+    def name(self, what: str) -> None:
+        """Name the step now running, without counting one."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -24,6 +24,7 @@ from typing import Any
 from evomerge import __version__
 from evomerge.evaluation.splits import ROLES
 from evomerge.search.record import protocol_lines, splits_text, stored
+from evomerge.search.timing import wall_text
 
 DASHBOARD_HINT = "pip install optuna-dashboard && optuna-dashboard {storage}"
 
@@ -216,7 +217,7 @@ def _overview(result) -> list[str]:
     out.append("- fitness: " + fitness_text(study, space))
     out.append("- splits: " + splits_text(space) + (f"; search limit {space.budget.limit}" if space.budget.limit else "")
                + f"; select: top {space.budget.top_k} + baselines; report: winner, baselines, parents")
-    out.append(f"- wall time this invocation: {result.seconds:.1f} s")
+    out.append(f"- wall time: {wall_text(result.info.get('wall') or {}, result.seconds)}")
     out += [f"- {line}" for line in protocol_lines(*stored(study))]
     if w is not None:
         out.append(f"- winner: **{w.label}** -> `best.yaml` (`evomerge merge best.yaml OUT` rebuilds it)")
@@ -241,8 +242,27 @@ def _candidates_table(result) -> list[str]:
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     out.append("Scores are the weighted objective (higher is better). Parents are scored on the report split only.")
+    out += _same_answers(result.candidates)
     out.append("")
     return out
+
+
+def _same_answers(candidates) -> list[str]:
+    """A note for candidates that scored the same on every report item: the same model, or nearly
+    (slerp interpolates linearly between nearly parallel tensors, which fine-tunes of one base are)."""
+    groups: dict[str, list[str]] = {}
+    for c in candidates:
+        items = (c.scores.get("report") or {}).get("items")
+        if items:
+            groups.setdefault(json.dumps(items, sort_keys=True), []).append(c.label)
+    notes = []
+    for labels in (g for g in groups.values() if len(g) > 1):
+        why = (" slerp falls back to linear interpolation where two tensors point almost the same way (as "
+               "fine-tunes of one base mostly do), so slerp at t = 0.5 and the uniform average are nearly one model."
+               if any("slerp" in x for x in labels) and any("linear" in x for x in labels) else
+               " Their recipes give the same, or nearly the same, model.")
+        notes.append(f"- {', '.join(labels)}: the same score on every report item.{why}")
+    return [""] + notes if notes else []
 
 
 def fitness_text(study, space) -> str:
@@ -279,7 +299,7 @@ def summary(result) -> str:
     invalid = f" ({info['invalid']} not a valid recipe, no merge)" if info.get("invalid") else ""
     lines.append(f"search {space.name}: {info.get('completed', 0)} completed{reused}, {info.get('failed', 0)} failed"
                  f"{invalid}, "
-                 f"{info.get('pruned', 0)} pruned this run; {result.seconds:.1f} s")
+                 f"{info.get('pruned', 0)} pruned this run; {wall_text(info.get('wall') or {}, result.seconds)}")
     splits = list(ROLES)
     width = max([len(c.label) + 9 for c in result.candidates] + [20])
     lines.append(f"{'candidate':<{width}}" + "".join(f"{s:>10}" for s in splits))
@@ -370,7 +390,7 @@ class _Plots:
         buf = io.BytesIO()
         fig.set_size_inches(8, 5)
         fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=90)
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # titles and labels inside the image
         plt.close(fig)
         atomic_write(self.folder / name, buf.getvalue())
         self.made.append(f"plots/{name}")
@@ -394,13 +414,16 @@ def _study_plots(result, plots: _Plots) -> None:
                         plots.save(ovm.plot_optimization_history(study, target=lambda t, i=i: t.values[i],
                                                                  target_name=task.task), f"history_{task.task}.png")
                 else:
-                    plots.save(ovm.plot_optimization_history(study), "history.png")
+                    ax = ovm.plot_optimization_history(study, target_name="search score")
+                    _mark_winner(ax, result)
+                    plots.save(ax, "history.png")
             except Exception:  # noqa: BLE001 - a plot never fails a run
                 pass
         if len(complete) >= 3 and any(t.params for t in complete):
             try:
                 target = (lambda t: t.values[0]) if multi else None
-                plots.save(ovm.plot_param_importances(study, target=target), "importances.png")
+                name = result.space.objective.tasks[0].task if multi else "search score"
+                plots.save(ovm.plot_param_importances(study, target=target, target_name=name), "importances.png")
             except Exception:  # noqa: BLE001
                 pass
         if multi and len(complete) >= 2:
@@ -409,6 +432,28 @@ def _study_plots(result, plots: _Plots) -> None:
                            "pareto.png")
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _mark_winner(ax, result) -> None:
+    """The chosen winner (best on the select split, not necessarily on search) as a star on the history."""
+    w = result.winner
+    if w is None or w.trial is None or w.scores.get("search", {}).get("score") is None:
+        return
+    ax.scatter([w.trial], [w.scores["search"]["score"]], marker="*", s=220, color="tab:green", zorder=5,
+               edgecolors="black", label=f"chosen winner (trial {w.trial}, best on select)")
+    ax.legend(fontsize=8)
+
+
+def _t_ends(recipe) -> tuple[str, str] | None:
+    """For slerp-like recipes, the models at t = 0 and t = 1 (folder names)."""
+    from evomerge.engine.recipe import MergeRecipe
+
+    if not isinstance(recipe, MergeRecipe) or recipe.merge_method not in ("slerp", "nuslerp") or not recipe.models:
+        return None
+    names = [Path(m.model).name for m in recipe.models]
+    base = Path(recipe.base_model).name if recipe.base_model else names[0]
+    other = next((n for n in names if n != base), None)
+    return (base, other) if other else None
 
 
 def _winner_plot(result, plots: _Plots) -> None:
@@ -424,7 +469,12 @@ def _winner_plot(result, plots: _Plots) -> None:
             ax.plot(range(len(values)), values, marker="o", label=name)
         ax.set_xticks(range(layers))
         ax.set_xlabel("layer")
-        ax.set_ylabel("value")
+        ends = _t_ends(result.winner.recipe)
+        if ends:  # say which parent each end of t is
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+            ax.set_yticklabels([f"0 = {ends[0]}", "0.25", "0.5", "0.75", f"1 = {ends[1]}"])
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("t" if ends else "value")
         ax.set_title(f"winner ({result.winner.label}): per-layer parameters")
         ax.legend(fontsize=7)
         plots.save(fig, "winner_curves.png")

@@ -14,14 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from evomerge.errors import ConfigError, OutputError
+from evomerge.errors import ConfigError, OutputError, user_errors
 from evomerge.search.candidates import Candidate
-from evomerge.search.jobs import worker_spec
+from evomerge.search.jobs import CountingExecutor, worker_spec
 from evomerge.search.loop import optimize
 from evomerge.search.options import RunOptions
 from evomerge.search.preflight import preflight
 from evomerge.search.selection import select_and_report
 from evomerge.search.space import SearchSpace
+from evomerge.search.timing import StageClock
 
 
 @dataclass
@@ -52,31 +53,62 @@ def run_search(space: SearchSpace, out: str | Path, *, executor=None, log: Calla
     and warnings.
     """
     opts = RunOptions(**options)
-    t0 = time.perf_counter()
+    clock = StageClock()
     out = Path(out)
     own_executor = executor is None
     opts = replace(opts, device=_search_device(opts.device, opts.workers, opts.ray_address))
-    worker, record = preflight(space, opts) if own_executor else (None, None)  # before anything is on disk
+    check_run_folder(out, storage_given=opts.storage is not None)
+    finished = own_executor and opts.select and _finished(space, out, opts)
+    worker, record = None, None
+    if own_executor and not finished:
+        with clock("preflight"):
+            worker, record = preflight(space, opts)  # before anything is on disk
     prepare_out(out, storage_given=opts.storage is not None)
     workers = max(opts.workers, getattr(executor, "slots", 1))
     study, space, storage, info = _open_study(space, out, opts, record, workers, log)
+    if finished:  # nothing to run: no pre-flight, no Ray; a worker is only set up if a score is missing
+        log("evomerge: this run has finished its budget and its report; its stored result follows")
+        opts = replace(opts, workers=1, ray_address=None)
     if own_executor:
         executor = _make_executor(space, opts, worker)  # the in-process executor adopts the pre-flight's worker
+    executor = CountingExecutor(executor)
     try:
-        info.update(optimize(study, space, executor, progress=opts.progress, log=log))
+        with clock("trials"):
+            info.update(optimize(study, space, executor, progress=opts.progress, log=log))
         winner, cands = (None, [])
         if opts.select:
-            winner, cands = select_and_report(study, space, executor, log=log, progress=opts.progress,
-                                              evidence=opts.evidence)
+            with clock("select_report"):
+                winner, cands = select_and_report(study, space, executor, log=log, progress=opts.progress,
+                                                  evidence=opts.evidence)
     finally:
         if own_executor:
             executor.close()
-    result = SearchResult(study, space, out, winner, cands, time.perf_counter() - t0, info)
+    info["wall"] = clock.store(study, worked=executor.submitted > 0)
+    result = SearchResult(study, space, out, winner, cands, clock.total(), info)
     if opts.write:
         from evomerge.search.report import write_run
 
         write_run(result, storage=storage, evidence=opts.evidence)
     return result
+
+
+def _finished(space: SearchSpace, out: Path, opts: RunOptions) -> bool:
+    """The run's study exists, has its budget of finished trials and its report: resuming it only shows
+    the stored result (reads the storage, writes nothing)."""
+    from evomerge.search.selection import REPORT_ATTR
+    from evomerge.search.study import default_storage, finished_count, load_existing, resume_settings
+
+    storage = opts.storage or default_storage(out)
+    if opts.reopen_report or (opts.storage is None and not (out / "study.db").is_file()):
+        return False
+    with user_errors(where=f"storage {storage}", what="the study's storage cannot be used: ",
+                     fix="check --storage (or move the damaged study.db away to start afresh)"):
+        study = load_existing(space, storage)
+        if study is None or study.user_attrs.get("space_fingerprint") != space.fingerprint():
+            return False
+        resumed, _ = resume_settings(space, storage)
+        return finished_count(study) >= resumed.budget.trials and \
+            study.user_attrs.get(REPORT_ATTR, {}).get("_winner") is not None
 
 
 def _open_study(space: SearchSpace, out: Path, opts: RunOptions, record: dict | None, workers: int,
@@ -86,10 +118,14 @@ def _open_study(space: SearchSpace, out: Path, opts: RunOptions, record: dict | 
     from evomerge.search.study import create_study, default_storage, resume_settings
 
     storage = opts.storage or default_storage(out)
-    space, notes = resume_settings(space, storage, reopen_report=opts.reopen_report)
+    # a storage that cannot be opened (a damaged study.db, a database server that refuses) is the
+    # user's to fix: one line naming it, not SQLAlchemy's traceback
+    with user_errors(where=f"storage {storage}", what="the study's storage cannot be used: ",
+                     fix="check --storage (or move the damaged study.db away to start afresh)"):
+        space, notes = resume_settings(space, storage, reopen_report=opts.reopen_report)
+        study, info = create_study(space, storage, workers=workers, record=record)
     for note in notes:
         log(note)
-    study, info = create_study(space, storage, workers=workers, record=record)
     if info["requeued"]:
         log(f"evomerge: resumed; trials {info['requeued']} were interrupted and will run again")
     elif info["resumed"]:
@@ -124,15 +160,25 @@ def _search_device(device: str, workers: int, ray_address: str | None) -> str:
     return device
 
 
-def prepare_out(out: Path, storage_given: bool) -> None:
-    """Create the run folder; refuse one that holds something other than an evomerge run."""
+def check_run_folder(out: Path, storage_given: bool) -> None:
+    """The run folder can be made (not a file, not below one) and holds nothing but an evomerge run:
+    checked before the pre-flight, writing nothing."""
+    from evomerge.engine.output import check_creatable
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", where=str(out), fix="choose another --out")
+    check_creatable(out, str(out), "choose another --out")
     if out.is_dir() and any(out.iterdir()) and not storage_given:
         if not (out / "study.db").exists():
             raise OutputError("folder exists, is not empty and holds no evomerge study (study.db)",
                               where=str(out), fix="choose another --out, or empty the folder")
+
+
+def prepare_out(out: Path, storage_given: bool) -> None:
+    """Create the run folder; refuse one that holds something other than an evomerge run."""
+    out = Path(out)
+    check_run_folder(out, storage_given)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

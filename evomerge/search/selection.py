@@ -152,7 +152,8 @@ def _report(study, scorer: Scorer, winner: Candidate, report: list[Candidate], e
     report_cache["_winner"] = winner.trial
     study.set_user_attr(REPORT_ATTR, report_cache)
     if evidence and study.user_attrs.get(PARENT_AUDIT_ATTR, {}).get("_winner") != winner.trial:
-        study.set_user_attr(PARENT_AUDIT_ATTR, parent_audit(scorer.space, scorer.executor, winner, scorer.log))
+        study.set_user_attr(PARENT_AUDIT_ATTR, parent_audit(scorer.space, scorer.executor, winner, scorer.log,
+                                                            scorer.progress))
     return report
 
 

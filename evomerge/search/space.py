@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evomerge.errors import ConfigError
 from evomerge.engine.methods.base import MergeMethod
 from evomerge.evaluation.protocol import ScoringProtocol, SplitSpec
+from evomerge.engine.seeds import Seed
 
 SAMPLERS = ("auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -120,7 +121,7 @@ class Budget(Strict):
     trials: int = Field(50, ge=1)
     sampler: Literal["auto", "cmaes", "tpe", "gp", "nsga2", "random", "grid"] = "auto"
     pruner: Literal["none", "median", "hyperband", "successive_halving"] = "none"
-    seed: int = 0
+    seed: Seed = 0
     limit: int | None = Field(None, ge=1)  # items of the search split per trial (seeded subset)
     fidelity: Fidelity | None = None
     # how a trial's search fitness is measured: every item of the limit (full), item-count rungs with a
@@ -128,6 +129,9 @@ class Budget(Strict):
     fitness: Literal["full", "fidelity", "anchors"] | None = None  # None: fidelity when `fidelity` is set
     anchors: Anchors | None = None
     top_k: int = Field(5, ge=1)  # candidates re-scored on the select split
+    # synchronous rounds of this many trials, told in trial order: the same trials for the same seed
+    # whatever the worker count and timing (None: asynchronous, a new trial whenever a worker is free)
+    batch: int | None = Field(None, ge=1)
     baselines: bool = True
     grid_points: int = Field(5, ge=2)
 

@@ -20,7 +20,7 @@ from evomerge.search.score import directions
 from evomerge.search.space import SearchSpace
 from evomerge.search.suggest import baseline_params
 
-STUDY_NAME = "evomerge"
+LEGACY_STUDY_NAME = "evomerge"  # every study was called this before studies took their space's name
 FAIL_REASON = "fail_reason"  # trial user attribute holding why a trial failed
 INTERRUPTED = "interrupted_trials"  # study user attribute: trial numbers FAILed because their run died
 ROLE = "role"  # trial user attribute: "baseline:<method>", "retry", or absent
@@ -61,8 +61,11 @@ def resolve_sampler_name(space: SearchSpace, workers: int = 1) -> str:
 
 
 def make_sampler(space: SearchSpace, name: str, seed: int, workers: int = 1) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler called `name`, seeded."""
+    """The Optuna sampler called `name`, seeded. Trials asked while others run (several workers, or a
+    batch round) make TPE lie about the running ones; in batch mode that depends on the batch, never on
+    the worker count, so that the same seed gives the same trials."""
     s = optuna.samplers
+    concurrent = space.budget.batch or workers
     if name == "cmaes":
         # warn_independent_sampling off: the enqueued baselines are fixed-parameter trials.
         return s.CmaEsSampler(seed=seed, warn_independent_sampling=False, n_startup_trials=0,
@@ -73,7 +76,7 @@ def make_sampler(space: SearchSpace, name: str, seed: int, workers: int = 1) -> 
         with warnings.catch_warnings():  # constant_liar is flagged experimental; it is what we want
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return s.TPESampler(seed=seed, multivariate=True, group=len(space.methods) > 1,
-                                constant_liar=workers > 1,
+                                constant_liar=concurrent > 1,
                                 n_startup_trials=max(5, min(10, space.budget.trials // 5)))
     if name == "gp":
         import warnings
@@ -142,7 +145,7 @@ def create_study(
     sampler: str | None = None,
     seed: int | None = None,
     workers: int = 1,
-    study_name: str = STUDY_NAME,
+    study_name: str | None = None,
     record: dict | None = None,
 ) -> tuple[optuna.Study, dict]:
     """Create the study, or load it when `storage` already holds one for this space.
@@ -154,6 +157,7 @@ def create_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = space.budget.seed if seed is None else seed
     name = sampler or resolve_sampler_name(space, workers)
+    study_name = study_name or study_name_for(space, storage)
     existing = _existing(storage, study_name)
     study = optuna.create_study(
         storage=open_storage(storage),
@@ -194,12 +198,13 @@ def create_study(
 
 
 BUDGET_ATTR = "budget"  # study user attribute: the search settings the study was created with
-_KEPT = ("trials", "sampler", "seed", "pruner", "top_k", "baselines", "grid_points")
-FLAGS = {"trials": "--trials", "sampler": "--sampler", "seed": "--seed", "pruner": "--pruner", "top_k": "--top-k"}
+_KEPT = ("trials", "sampler", "seed", "pruner", "top_k", "baselines", "grid_points", "batch")
+FLAGS = {"trials": "--trials", "sampler": "--sampler", "seed": "--seed", "pruner": "--pruner", "top_k": "--top-k",
+         "batch": "--batch"}
 
 
 def resume_settings(
-    space: SearchSpace, storage: str, *, reopen_report: bool = False, study_name: str = STUDY_NAME,
+    space: SearchSpace, storage: str, *, reopen_report: bool = False, study_name: str | None = None,
 ) -> tuple[SearchSpace, list[str]]:
     """The space to resume with: a stored study keeps the settings it was created with (budget, sampler,
     seed, pruner, top-k, baselines), unless a flag overrides one (`space.overridden`, set by
@@ -209,6 +214,7 @@ def resume_settings(
     would look at the held-out items again. Changes nothing in the storage."""
     from evomerge.search.record import REPORT_LOG_ATTR
 
+    study_name = study_name or study_name_for(space, storage)
     if not _existing(storage, study_name):
         return space, []
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
@@ -244,11 +250,38 @@ def resume_settings(
 
 
 def _existing(storage: str, study_name: str) -> bool:
+    return study_name in _study_names(storage)
+
+
+def _study_names(storage: str) -> list[str]:
     try:
-        names = optuna.study.get_all_study_names(storage=storage)
+        return optuna.study.get_all_study_names(storage=storage)
     except Exception:  # noqa: BLE001 - an empty or new storage
-        return False
-    return study_name in names
+        return []
+
+
+def load_existing(space: SearchSpace, storage: str) -> optuna.Study | None:
+    """The space's study in `storage`, or None when there is none yet (creates nothing)."""
+    name = study_name_for(space, storage)
+    if not _existing(storage, name):
+        return None
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def study_name_for(space: SearchSpace, storage: str) -> str:
+    """The study's name: the space's, so that runs sharing one storage (and optuna-dashboard) tell
+    apart; a run made before studies took that name keeps its `evomerge` study, so it still resumes."""
+    names = _study_names(storage)
+    return LEGACY_STUDY_NAME if LEGACY_STUDY_NAME in names and space.name not in names else space.name
+
+
+def load_run_study(storage: str) -> optuna.Study:
+    """The one study of a run folder's storage (its space's name, or `evomerge` for older runs)."""
+    names = _study_names(storage)
+    if len(names) != 1:
+        raise ConfigError(f"the run's storage holds {len(names)} studies ({', '.join(names) or 'none'}), not one",
+                          where=storage, fix="give the --out folder of an `evomerge search`")
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 def _fail_abandoned(study: optuna.Study) -> list[int]:
