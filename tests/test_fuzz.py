@@ -90,26 +90,26 @@ def _run(capsys, argv: list[str]) -> int:
 COMMON = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
+def _validate_then_build(capsys, folder: Path, text: str, command: str) -> None:
+    """validate the file; when it passes, build it (`merge` or `moe`) into folder/out."""
+    config = folder / "config.yaml"
+    config.write_text(text)
+    if _run(capsys, ["validate", str(config)]) == 0:
+        _run(capsys, [command, str(config), str(folder / "out"), "--no-progress"])
+
+
 @settings(max_examples=SCALE or 150, **COMMON)
 @given(case=mutated(RECIPES))
 def test_mutated_recipes_validate_and_merge_or_exit_2(case, tmp_path_factory, capsys):
     stem, text = case
-    folder = tmp_path_factory.mktemp(stem)
-    recipe = folder / "recipe.yaml"
-    recipe.write_text(text)
-    if _run(capsys, ["validate", str(recipe)]) == 0:
-        _run(capsys, ["merge", str(recipe), str(folder / "out"), "--no-progress"])
+    _validate_then_build(capsys, tmp_path_factory.mktemp(stem), text, "merge")
 
 
 @settings(max_examples=SCALE or 60, **COMMON)
 @given(case=mutated(MOE))
 def test_mutated_moe_configs_validate_and_build_or_exit_2(case, tmp_path_factory, capsys):
     stem, text = case
-    folder = tmp_path_factory.mktemp(stem)
-    config = folder / "moe.yaml"
-    config.write_text(text)
-    if _run(capsys, ["validate", str(config)]) == 0:
-        _run(capsys, ["moe", str(config), str(folder / "out"), "--no-progress"])
+    _validate_then_build(capsys, tmp_path_factory.mktemp(stem), text, "moe")
 
 
 @settings(max_examples=SCALE // 10 if SCALE else 25, **COMMON)

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from evomerge.engine.recipe import MergeRecipe
-from evomerge.search.report import atomic_write, source_hashes, winner_curves
+from evomerge.engine.output import atomic_write
+from evomerge.search.plots import winner_curves
+from evomerge.search.report import source_hashes
 from evomerge.search.run import run_search
 from test_search import FakeExecutor, make_space
 

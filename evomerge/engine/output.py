@@ -3,7 +3,8 @@
 Why it exists: `evomerge merge` and `evomerge moe` both write a model folder, and both must never leave
 a half-written one behind, never write into a source model, and refuse a non-empty folder unless
 told. `staged(out)` gives a temp folder next to OUT (same filesystem, so the final rename is atomic)
-that becomes OUT when the block succeeds and vanishes when it fails. `copy_side_files` copies what
+that becomes OUT when the block succeeds and vanishes when it fails; `atomic_write` does the same for
+one file. `copy_side_files` copies what
 a model folder needs besides weights and config: generation config and tokenizer files.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -89,6 +91,20 @@ def copy_side_files(folder: Path, *, config_from: Path, tokenizer_from: Path | N
     for name in TOKENIZER_FILES if tokenizer_from is not None else ():
         if (tokenizer_from / name).is_file():
             shutil.copyfile(tokenizer_from / name, folder / name)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def human_bytes(n: float) -> str:

@@ -189,7 +189,8 @@ def _write(out_dir: Path, result: dict, text: str, log: Callable) -> None:
 
     import matplotlib
 
-    from evomerge.search.report import atomic_write, score_chart
+    from evomerge.engine.output import atomic_write
+    from evomerge.search.plots import score_chart
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "eval.md", text)

@@ -108,7 +108,20 @@ def _finished(space: SearchSpace, out: Path, opts: RunOptions) -> bool:
             return False
         resumed, _ = resume_settings(space, storage)
         return finished_count(study) >= resumed.budget.trials and \
-            study.user_attrs.get(REPORT_ATTR, {}).get("_winner") is not None
+            study.user_attrs.get(REPORT_ATTR, {}).get("_winner") is not None and \
+            _same_settings(study, resumed)
+
+
+def _same_settings(study, space: SearchSpace) -> bool:
+    """The stored protocol record's settings (not its items, which need the tasks built) match the
+    space's: otherwise the full pre-flight runs and `record.check_resume` refuses with what changed."""
+    from evomerge.search.record import protocol_record, stored
+
+    record, _ = stored(study)
+    if record is None:
+        return True
+    current = protocol_record(space)
+    return all(record.get(k) == current[k] for k in current if k != "items")
 
 
 def _open_study(space: SearchSpace, out: Path, opts: RunOptions, record: dict | None, workers: int,
