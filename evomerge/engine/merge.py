@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.engine.chat_template import chat_template_text, write_chat_template
 from evomerge.engine.execution import execute, merge_threads, resolve_device
+from evomerge.engine.memory import MergeMemory, memory_lines, merge_memory
 from evomerge.engine.modelcard import CardFacts, SourceFacts, hub_id, render_card
 from evomerge.engine.output import check_out, copy_side_files, human_bytes, staged
 from evomerge.engine.plan import DEFAULT_SEED, MergePlan, check_recipe, plan
@@ -132,8 +133,9 @@ def card_facts(recipe: MergeRecipe, recipe_text: str, p: MergePlan, sources: "So
 
 
 def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool = False,
-                    model_root: str | os.PathLike | None = None) -> str:
-    """`evomerge validate`: every check `merge` makes, without merging; returns a short summary."""
+                    model_root: str | os.PathLike | None = None, device: str = "cpu") -> str:
+    """`evomerge validate`: every check `merge` makes, without merging; returns a short summary, with the
+    memory the merge will need on `device` (engine/memory.py)."""
     recipe = load_recipe(config_path)
     if model_root is not None:
         recipe = recipe.relocated(model_root)
@@ -143,6 +145,7 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         p = plan(recipe, sources)
         tok_dir, n_tok = _tokenizer(p, sources)
+        memory = merge_memory(p, sources, device=device)
     finally:
         sources.close()
     n_models = len(recipe.referenced_models())
@@ -157,7 +160,21 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
     if method.uses_generator:
         seed = recipe.random_seed if recipe.random_seed is not None else DEFAULT_SEED
         lines.append(f"  random_seed {seed}" + ("" if recipe.random_seed is not None else " (default; add random_seed to pin it)"))
-    return "\n".join(lines)
+    return "\n".join(lines + memory_lines(memory))
 
 
-__all__ = ["card_facts", "merge_to_dir", "validate_config"]
+def recipe_memory(config_path: str | os.PathLike, *, device: str = "cpu", workers: int | None = None,
+                  model_root: str | os.PathLike | None = None) -> MergeMemory:
+    """The memory plan of `evomerge merge` for a recipe file (its sources' headers are read, no tensor)."""
+    recipe = load_recipe(config_path)
+    if model_root is not None:
+        recipe = recipe.relocated(model_root)
+    check_recipe(recipe)
+    sources = _open_for(recipe)
+    try:
+        return merge_memory(plan(recipe, sources), sources, workers=workers, device=device)
+    finally:
+        sources.close()
+
+
+__all__ = ["card_facts", "merge_to_dir", "recipe_memory", "validate_config"]
