@@ -59,6 +59,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.add_argument("--model-root", help=ROOT_HELP + " (recipes only)")
     v.add_argument("--allow-overlap", action="store_true", help="spaces: report overlapping items instead of refusing")
+    v.add_argument("--device", default="cpu", help="the memory plan for this device (cpu, cuda, cuda:N, auto): a "
+                                                   "recipe's merge, a space's search workers (VRAM per worker)")
+    v.add_argument("--workers", type=int, default=None, help="spaces: the memory plan for `search --workers N`")
     v.add_argument("--allow-public-benchmark-contamination", action="store_true",
                    help="spaces: accept an objective over a public benchmark's test set")
     v.set_defaults(func=_run_validate)
@@ -138,7 +141,8 @@ def _run_validate(args: argparse.Namespace) -> int:
             raise ConfigError("--model-root applies to merge recipes, and this is a search space", where="--model-root",
                               fix="drop --model-root; a space's model paths are resolved from the space file's folder")
         print(validate_space(args.config, trust_remote_code=args.trust_remote_code, allow_overlap=args.allow_overlap,
-                             allow_public_benchmark=args.allow_public_benchmark_contamination))
+                             allow_public_benchmark=args.allow_public_benchmark_contamination,
+                             workers=args.workers or 1, device=args.device))
         return 0
     from evomerge.moe.config import is_moe_file
 
@@ -149,7 +153,13 @@ def _run_validate(args: argparse.Namespace) -> int:
         return 0
     from evomerge.engine.merge import validate_config
 
-    print(validate_config(args.config, trust_remote_code=args.trust_remote_code, model_root=args.model_root))
+    if args.workers is not None:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError("--workers applies to search spaces, and this is a merge recipe", where="--workers",
+                          fix="drop --workers; a merge runs in one process")
+    print(validate_config(args.config, trust_remote_code=args.trust_remote_code, model_root=args.model_root,
+                          device=args.device))
     return 0
 
 

@@ -115,3 +115,77 @@ def test_merge_plan_matches_a_measured_merge(method, wide_family, tmp_path, caps
     assert plan >= measured["anon"] * (1 - BELOW_SLACK), "the plan is below the measured peak: " + note
     assert plan <= measured["rss"] * ABOVE_FACTOR, "the plan is far above the measured peak: " + note
     print(note)
+
+
+# --- the search's plan (search/memory.py) ------------------------------------------------------------
+SPACE = """name: mem_plan
+models: [toy:up, toy:rev]
+method: slerp
+parameters:
+  slerp:
+    t: {points: 2}
+objective:
+  tasks_dir: toy
+  tasks: [toy_up]
+search: {trials: 2, seed: 0, limit: 8, top_k: 1}
+"""
+
+
+@pytest.fixture
+def space(tmp_path):
+    p = tmp_path / "space.yaml"
+    p.write_text(SPACE)
+    return p
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_search_that_cannot_fit_is_refused_before_anything_is_written(workers, space, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_MEMORY_LIMIT", "300MB")  # the documented budget: less than one process
+    out = tmp_path / "run"
+    code = main(["search", str(space), "--out", str(out), "--workers", workers, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "RAM" in err and "300.0 MB is available (EVOMERGE_MEMORY_LIMIT)" in err, err
+    assert f"({workers} worker(s)" in err and "Fix:" in err, err
+    assert not out.exists()
+
+
+def test_refusal_suggests_fewer_workers(space, tmp_path, capsys, monkeypatch):
+    """With Ray the driver and each worker need their own memory; a budget for two suggests two."""
+    from evomerge.search.memory import RAY_DAEMON_BYTES, SEARCH_PROCESS_BYTES
+
+    budget = SEARCH_PROCESS_BYTES + RAY_DAEMON_BYTES + 2 * SEARCH_PROCESS_BYTES + 100 * 10**6  # driver + 2
+    monkeypatch.setenv("EVOMERGE_MEMORY_LIMIT", str(budget))
+    code = main(["search", str(space), "--out", str(tmp_path / "run"), "--workers", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers 2" in err, err
+
+
+def test_unreadable_memory_limit_is_one_line(space, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_MEMORY_LIMIT", "lots")
+    code = main(["search", str(space), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "EVOMERGE_MEMORY_LIMIT" in err, err
+
+
+def test_validate_space_prints_the_search_plan(space, capsys):
+    import re
+
+    from evomerge.search.memory import CUDA_CONTEXT_BYTES, RAY_DAEMON_BYTES, SEARCH_PROCESS_BYTES
+
+    assert main(["validate", str(space), "--workers", "2", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "memory      search (2 Ray workers, cuda): about" in out, out
+    # two workers and the driver, each a whole process, plus Ray's daemons
+    ram = float(re.search(r"search \(2 Ray workers, cuda\): about ([0-9.]+) GB RAM", out).group(1))
+    assert ram >= (3 * SEARCH_PROCESS_BYTES + RAY_DAEMON_BYTES) / 1e9 - 0.05, out
+    vram = float(re.search(r"([0-9.]+) MB on cuda per worker", out).group(1))
+    assert CUDA_CONTEXT_BYTES / 1e6 < vram < CUDA_CONTEXT_BYTES / 1e6 + 20, out  # + a 0.7M-parameter model
+
+
+def test_validate_refuses_workers_for_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n")
+    assert main(["validate", str(recipe), "--workers", "2"]) == 2
+    assert "--workers applies to search spaces" in capsys.readouterr().err

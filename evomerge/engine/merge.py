@@ -145,7 +145,7 @@ def validate_config(config_path: str | os.PathLike, *, trust_remote_code: bool =
         sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
         p = plan(recipe, sources)
         tok_dir, n_tok = _tokenizer(p, sources)
-        memory = merge_memory(p, sources, device=device)
+        memory = merge_memory(p, sources, device=resolve_device(device) if device == "auto" else device)
     finally:
         sources.close()
     n_models = len(recipe.referenced_models())

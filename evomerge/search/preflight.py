@@ -15,15 +15,17 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError, user_errors
 from evomerge.search.jobs import worker_spec
+from evomerge.search.memory import SearchMemory, check_fits, memory_lines, search_memory
 from evomerge.search.options import RunOptions
 from evomerge.search.progress import Progress
 from evomerge.search.space import SearchSpace
 
 
-def preflight(space: SearchSpace, options: RunOptions | None = None):
+def preflight(space: SearchSpace, options: RunOptions | None = None, *, check_memory: bool = True):
     """Every check that needs no search (see the module's docstring), with `options`' permissions and
-    worker settings. Returns the set-up worker (its model and tasks are built; the in-process executor
-    adopts it) and the protocol record (with the audit's findings)."""
+    worker settings; `check_memory`: refuse a search whose memory plan (search/memory.py) does not fit
+    this machine, before any model is loaded. Returns the set-up worker (its model and tasks are built;
+    the in-process executor adopts it) and the protocol record (with the audit's findings)."""
     from evomerge.executors.worker import Worker
     from evomerge.search.record import protocol_record
 
@@ -34,7 +36,9 @@ def preflight(space: SearchSpace, options: RunOptions | None = None):
         bar.name(STEPS[0])
         audit: dict = {"public_benchmarks": _public_benchmarks(space, opts.allow_public_benchmark, src),
                        "overlap": None}
-        _check_sources(space, opts.trust_remote_code, src)
+        memory = _check_sources(space, opts, src)
+        if check_memory and not opts.ray_address:  # a cluster's workers are not on this machine
+            check_fits(memory, where=f"{src} with --workers {opts.workers} --device {opts.device}")
         bar.step(STEPS[1])
         worker = Worker(worker_spec(space, evaluator=opts.evaluator, threads=opts.threads_per_worker,
                                     trust_remote_code=opts.trust_remote_code, verbose=opts.verbose,
@@ -67,9 +71,9 @@ def _public_benchmarks(space: SearchSpace, allowed: bool, src: str) -> list[list
     return [list(p) for p in public]
 
 
-def _check_sources(space: SearchSpace, trust_remote_code: bool, src: str) -> None:
+def _check_sources(space: SearchSpace, opts: RunOptions, src: str) -> SearchMemory:
     """The sources agree (architecture, shapes, vocabulary; custom code only if trusted) and every
-    method's baseline recipe plans against them."""
+    method's baseline recipe plans against them; returns the search's memory plan from those plans."""
     from evomerge.engine.checkpoints import Sources
     from evomerge.engine.plan import plan
     from evomerge.moe.build import plan_moe
@@ -82,21 +86,35 @@ def _check_sources(space: SearchSpace, trust_remote_code: bool, src: str) -> Non
     if space.base is not None:
         fields.setdefault(space.base.path, f"{src}: base_model")
     sources = Sources.open(fields)
+    plans = []
     try:
         sources.check_compatible()
-        sources.check_custom_code(allowed=trust_remote_code, flag="--trust-remote-code")
+        sources.check_custom_code(allowed=opts.trust_remote_code, flag="--trust-remote-code")
         for label, params in baseline_params(space):
             recipe = build_recipe(space, params)
             if isinstance(recipe, MoEConfig):
                 try:
-                    plan_moe(recipe, sources, source=f"{src} ({label})")
+                    plans.append(plan_moe(recipe, sources, source=f"{src} ({label})"))
                 except ConfigError as exc:
                     raise ConfigError(exc.what, where=exc.where if exc.where and exc.where.startswith(src)
                                       else f"{src}: parameters.moe ({label}: {exc.where})", fix=exc.fix) from None
             else:
-                plan(recipe, sources)
+                plans.append(plan(recipe, sources))
+        return search_memory(plans, sources, dtype=space.score_dtype, workers=opts.workers, device=opts.device,
+                             source_bytes=_source_bytes(sources))
     finally:
         sources.close()
+
+
+def search_plan(space: SearchSpace, options: RunOptions | None = None) -> SearchMemory:
+    """The memory plan of searching `space` with `options`' workers and device (reads headers only)."""
+    return _check_sources(space, options or RunOptions(), space.path or "space")
+
+
+def _source_bytes(sources) -> int:
+    """The size of the sources' safetensors files (what the workers map and share)."""
+    folders = {Path(loc.folder) for loc in sources.located.values() if getattr(loc, "folder", None)}
+    return sum(f.stat().st_size for d in folders if d.is_dir() for f in d.glob("*.safetensors"))
 
 
 def _check_evaluator(space: SearchSpace, worker, opts: RunOptions, src: str, bar: Progress) -> dict | None:
@@ -162,16 +180,22 @@ def _overlap_audit(items: list, allowed: bool, src: str) -> dict:
 
 
 def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_overlap: bool = False,
-                   allow_public_benchmark: bool = False) -> str:
+                   allow_public_benchmark: bool = False, workers: int = 1, device: str = "cpu") -> str:
     """`evomerge validate SPACE`: the whole pre-flight, then the objective as text (tasks, metrics, split
-    sizes, protocol). Writes nothing."""
+    sizes, protocol) and the memory a search with `workers` on `device` needs (refused, as `search`
+    refuses it, when it does not fit this machine). Writes nothing."""
     from evomerge.search.fitness import describe
     from evomerge.search.record import protocol_lines, splits_text
     from evomerge.search.spacefile import load_space
 
     space = load_space(path)
+    src = space.path or str(path)
+    plan_opts = RunOptions(trust_remote_code=trust_remote_code, workers=_workers(workers),
+                           device=_plan_device(device))
+    memory = _check_sources(space, plan_opts, src)
+    check_fits(memory, where=f"{src} with --workers {plan_opts.workers} --device {plan_opts.device}")
     _, record = preflight(space, RunOptions(trust_remote_code=trust_remote_code, allow_overlap=allow_overlap,
-                                            allow_public_benchmark=allow_public_benchmark))
+                                            allow_public_benchmark=allow_public_benchmark), check_memory=False)
     obj = space.objective
     lines = [f"ok: {path}",
              f"  models      {', '.join(m.name for m in space.models)}; methods {', '.join(space.method_names)}",
@@ -183,7 +207,28 @@ def validate_space(path: str | Path, *, trust_remote_code: bool = False, allow_o
 
         lines += [f"  {line}" for line in path_lines(space)]
     lines += [f"  {line}" for line in protocol_lines(record)]
+    lines += [f"  {line}" for line in memory_lines(memory)]
     return "\n".join(lines)
+
+
+def _workers(n: int) -> int:
+    if int(n) < 1:
+        raise ConfigError("--workers must be at least 1", where="--workers", fix="use --workers 1 or more")
+    return int(n)
+
+
+def _plan_device(device: str) -> str:
+    """validate plans for a GPU this machine may lack (the search's machine): cuda and cuda:N are only
+    read, `auto` is this machine's."""
+    import re
+
+    if device == "auto":
+        from evomerge.engine.execution import resolve_device
+
+        return resolve_device(device)
+    if device != "cpu" and not re.fullmatch(r"cuda(:[0-9]+)?", device):
+        raise ConfigError(f"unknown device {device!r}", where="--device", fix="use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def _check_sizes(space: SearchSpace, ev, src: str) -> None:
