@@ -217,8 +217,11 @@ class Worker:
             from evomerge.engine.recipe import MergeRecipe
             from evomerge.engine.sinks import ModelSink
 
+            from evomerge.engine.memory import give_back_freed
+
             recipe = MergeRecipe.model_validate(recipe_dict)
             merge_into(ModelSink(self.model), recipe, self.sources)
+            give_back_freed()  # else each trial's working set stays in the threads' arenas (engine/memory.py)
             model = self.model
         self._merged = (copy.deepcopy(recipe_dict), model)
         return model
