@@ -25,11 +25,12 @@ so the report measures the plan's error.
 
 Searches (`search`, `ray`): a real `evomerge search` (run_search: pre-flight, Optuna study, trials;
 no select/report) over a task-arithmetic space (base + 2) and a slerp space (ft_a, ft_b, a 3-point t
-gradient), scored with lm-eval on the toy family's `toy_up` task (2 items per trial, the toy
+gradient), scored with lm-eval on the toy family's `toy_up` task (2 items per trial, the models' own
 tokenizer; the scores are meaningless, the costs are not). Per trial: the in-memory merge time
-(`timings.merge`). Per run: the peak RSS of the search process and, sampled every 0.5 s over its whole
-process tree (Ray's actors and daemons too), RSS, PSS and anonymous memory, and each Ray actor's own.
-The search's memory plan is recorded as well. `ray` must run inside scripts/netns.sh.
+(`timings.merge`; the first trial is a warm-up). Per run: the search process's peak RSS (`ru_maxrss`)
+and its sampled heap vs file-backed peaks, and the search's memory plan (search/memory.py). With `ray`
+that is the driver only: Ray's actors are other processes, not summed yet (ray_memory.py measures
+them); `ray` must run inside scripts/netns.sh.
 
 `report`: every cached measurement, power-law and linear fits of time and memory against parameters,
 the targets of issue 27, a Markdown table (--markdown) and a plot (--plot).
