@@ -18,7 +18,6 @@ from pathlib import Path
 
 MIB = 2**20
 PROCESS_MB = 270  # an `evomerge merge` of a 0.7M-parameter model: ru_maxrss (Python, torch, the engine)
-SHARD_BYTES = 5 * 10**9  # `evomerge merge`'s default --out-shard-size
 TIES_TARGET, TIME_EXPONENT_TARGET, SEARCH_FACTOR = 3.0, 1.1, 1.3
 
 
@@ -101,6 +100,8 @@ def search_rows(work: Path) -> list[dict]:
                      "resident_mb": round(resident_mb, 1), "plan_mb": round(plan.get("ram", 0) / MIB, 1),
                      "plan_error_pct": round(100 * (plan.get("ram", 0) / MIB - r["rss_mb"]) / r["rss_mb"], 1)
                      if plan else None,
+                     "plan_vs_heap_pct": round(100 * (plan.get("ram", 0) / MIB - r["peak_anon_mb"]) / r["peak_anon_mb"], 1)
+                     if plan else None,
                      "rss_over_resident": round(r["rss_mb"] / resident_mb, 2) if resident_mb else None,
                      "load": [r["before"]["load"][0], r["after"]["load"][0]], "utc": r["before"]["utc"]})
     return sorted(rows, key=lambda x: (x["params"], x["space"], x["workers"]))
@@ -130,21 +131,26 @@ def targets(merges: list[dict], searches: list[dict], f: dict) -> list[dict]:
     """Issue 27's targets, each met or missed with the measurement."""
     t = []
     evo = [r for r in merges if r["tool"] == "evomerge"]
-    for r in evo:
-        bound = PROCESS_MB + SHARD_BYTES / MIB + r["plan_in_flight_mb"]
-        t.append({"target": "export RSS <= process + one output shard + tensors in flight",
-                  "at": f"{r['size']} {r['method']}", "measured": f"{r['rss_mb']:.0f} MiB", "bound": f"{bound:.0f} MiB",
-                  "met": r["rss_mb"] <= bound})
+    for method in ("linear", "slerp", "ties"):
+        rs = [r for r in evo if r["method"] == method]
+        if rs:  # the plan (process + the tensors in flight) holds no shard: below it is below the bound
+            worst = max(rs, key=lambda r: r["rss_mb"] / r["plan_mb"])
+            t.append({"target": "export RSS <= one output shard + the tensors in flight (here: <= the plan, "
+                                "process + tensors in flight, no shard)", "at": f"{method}, {', '.join(r['size'] for r in rs)}",
+                      "measured": f"RSS / plan at most {worst['rss_mb'] / worst['plan_mb']:.2f} ({worst['size']}: "
+                                  f"{worst['rss_mb']:.0f} / {worst['plan_mb']:.0f} MiB)",
+                      "met": all(r["rss_mb"] <= r["plan_mb"] for r in rs)})
     for method in ("linear", "slerp", "ties"):
         k = (f[f"merge/evomerge/{method}"] or {}).get("rss_above_process")
         if k:
             t.append({"target": "export RSS independent of model size (exponent of RSS above the process ~ 0)",
                       "at": method, "measured": f"k = {k['k']}", "met": k["k"] <= 0.1})
     for method in ("linear", "slerp", "ties"):
-        w = (f[f"merge/evomerge/{method}"] or {}).get("wall")
-        if w:
-            t.append({"target": f"merge wall time exponent <= {TIME_EXPONENT_TARGET}", "at": method,
-                      "measured": f"k = {w['k']}", "met": w["k"] <= TIME_EXPONENT_TARGET})
+        w, c = (f[f"merge/evomerge/{method}"] or {}).get("wall"), (f[f"merge/evomerge/{method}"] or {}).get("cpu")
+        if w and c:  # wall time moves with the machine's load, CPU seconds much less: both must hold
+            t.append({"target": f"merge time exponent <= {TIME_EXPONENT_TARGET} (wall and CPU)", "at": method,
+                      "measured": f"wall k = {w['k']}, CPU k = {c['k']}",
+                      "met": max(w["k"], c["k"]) <= TIME_EXPONENT_TARGET})
     for r in evo:
         mk = [m for m in merges if m["tool"] == "mergekit" and m["size"] == r["size"] and m["method"] == r["method"]]
         if r["method"] == "ties" and mk:
@@ -192,12 +198,13 @@ def to_markdown(res: dict) -> str:
                      + f" | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     if res["searches"]:
         lines += ["", "| size | space | workers | trials | merge per trial (median) | eval per trial | peak RSS MiB | "
-                  "of it heap | resident model MiB | heap / resident | plan MiB (error) | load before/after |",
+                  "of it heap | resident model MiB | heap / resident | plan MiB (vs heap, vs RSS) | load before/after |",
                   "|" + "---|" * 12]
         for s in res["searches"]:
             lines.append(f"| {s['size']} | {s['space']} | {s['workers']} | {s['trials']} | {s['merge_s_median']} s | "
                          f"{s['eval_s_median']} s | {s['rss_mb']:.0f} | {s['peak_anon_mb']:.0f} | {s['resident_mb']:.0f} | "
-                         f"{s['peak_anon_mb'] / s['resident_mb']:.2f}x | {s['plan_mb']:.0f} ({s['plan_error_pct']:+.0f}%) | "
+                         f"{s['peak_anon_mb'] / s['resident_mb']:.2f}x | {s['plan_mb']:.0f} ({s['plan_vs_heap_pct']:+.0f}%, "
+                         f"{s['plan_error_pct']:+.0f}%) | "
                          f"{s['load'][0]:.1f} / {s['load'][1]:.1f} |")
     lines += ["", "| growth (power law, exponent k) | sizes | wall | CPU | peak RSS | RSS above the process |",
               "|---|---|---|---|---|---|"]
