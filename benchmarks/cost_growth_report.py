@@ -88,10 +88,23 @@ def merge_runs(work: Path) -> list[dict]:
     return sorted(rows, key=lambda x: (x["params"], x["method"], x["tool"]))
 
 
+def _search_plan_now(work: Path, r: dict) -> dict:
+    """The current search plan for the run's space (the cached one when the space cannot be read)."""
+    try:
+        from evomerge.search.options import RunOptions
+        from evomerge.search.preflight import search_plan
+        from evomerge.search.spacefile import load_space
+
+        space = load_space(work / r["size"] / "spaces" / f"{r['space']}.yaml")
+        return search_plan(space, RunOptions(workers=r["workers"])).as_dict()
+    except Exception:  # noqa: BLE001 - a report of what can be read
+        return r.get("plan") or {}
+
+
 def search_rows(work: Path) -> list[dict]:
     rows = []
     for r in _load(work, "search"):
-        plan = r.get("plan") or {}
+        plan = _search_plan_now(work, r)
         resident_mb = plan.get("resident", 0) / MIB
         rows.append({"size": r["size"], "params": r["params"], "space": r["space"], "workers": r["workers"],
                      "wall_s": r.get("wall_s"), "trials": r.get("trials"), "merge_s_median": r.get("merge_s_median"),

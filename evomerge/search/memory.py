@@ -35,6 +35,11 @@ SEARCH_PROCESS_BYTES = 760 * 10**6
 # Ray's own processes on this machine (GCS, raylet, dashboard agent, log monitor) with 2 workers.
 RAY_DAEMON_BYTES = 700 * 10**6
 RAM_ENV, VRAM_ENV = "EVOMERGE_MEMORY_LIMIT", "EVOMERGE_VRAM_LIMIT"
+# A search's in-memory merge holds more per element than an export's (engine/memory.py's coefficients):
+# it reads bf16 views of the mapped files, so every float32 temporary is new, and the two merge threads
+# free into their own arenas. Measured (benchmarks/cost_growth.py, heap above the resident model and the
+# process): slerp needed 1.1x the export's working set at 0.5B and 1.5x at 1B; task arithmetic 0.7-0.9x.
+IN_MEMORY_FACTOR = 1.6
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def search_memory(plans: list, sources, *, dtype: str, workers: int = 1, device:
         resident = max(resident, sum(_numel(s.shape) for s in p.specs) * item)
         if hasattr(p, "tasks"):  # an MoE plan is built once per structure, not merged per trial
             m = merge_memory(p, sources, device=device, copies=False, queue=1, process=0)
-            merge = max(merge, m.vram - CUDA_CONTEXT_BYTES if device != "cpu" else m.ram)
+            merge = max(merge, int(IN_MEMORY_FACTOR * (m.vram - CUDA_CONTEXT_BYTES if device != "cpu" else m.ram)))
     workers = max(1, int(workers))
     driver = 0 if workers == 1 else SEARCH_PROCESS_BYTES + resident + RAY_DAEMON_BYTES
     vram = CUDA_CONTEXT_BYTES + resident + merge if device != "cpu" else 0
