@@ -199,7 +199,7 @@ def _ratio(merges: list[dict], r: dict) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    lines = ["| size | params | method | tool | wall s | CPU s | peak RSS MiB | of it heap | plan MiB (error) | "
+    lines = ["| size | params | method | tool | wall s | CPU s | peak RSS MiB | of it heap | plan MiB (vs peak RSS) | "
              "mergekit / evomerge (wall / CPU) | same tensors | load before/after |", "|" + "---|" * 12]
     for r in res["merges"]:
         evo = r["tool"] == "evomerge"
