@@ -237,7 +237,7 @@ def to_markdown(res: dict) -> str:
 
 
 def draw(res: dict, path: str) -> None:
-    """Wall time and peak RSS against parameters, log-log, one line per tool and method."""
+    """CPU seconds and peak RSS against parameters, log-log, one line per tool and method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,10 +253,11 @@ def draw(res: dict, path: str) -> None:
             if not rs:
                 continue
             xs = [r["params"] / 1e9 for r in rs]
-            for ax, key in zip(axes, ("wall_s", "rss_mb")):
+            for ax, key in zip(axes, ("cpu_s", "rss_mb")):
                 ax.plot(xs, [r[key] for r in rs], styles[tool], color=colors[method], marker="o",
                         label=f"{tool} {method}")
-    for ax, title in zip(axes, ("merge wall time (s)", "merge peak RSS (MiB)")):
+    for ax, title in zip(axes, ("merge CPU seconds (user + sys; wall time moved with the load)",
+                                "merge peak RSS (MiB; mergekit's includes its mapped sources)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters (B)")
