@@ -170,11 +170,16 @@ def summary(refs: dict, runs: list[dict], weights: dict) -> dict:
     best = {split: {"expert": max(experts, key=lambda k: stats.mixture(refs[k][split], weights)),
                     "naive": max(naive, key=lambda k: stats.mixture(refs[k][split], weights))}
             for split in ("report", "fresh")}
-    table = {"references": {k: {s: mix(v[s]) for s in ("report", "fresh")} for k, v in refs.items()},
+    def skills(items):
+        return {task: round(sum(v) / len(v), 4) for task, v in items.items()}
+
+    table = {"references": {k: {**{s: mix(v[s]) for s in ("report", "fresh")}, "skills": skills(v["report"])}
+                            for k, v in refs.items()},
              "best": best, "runs": [], "rows": {}}
     for r in runs:
         row = {k: r[k] for k in ("row", "space", "sampler", "seed", "search_seconds", "search_items", "trials",
                                  "winner", "search", "select")}
+        row["skills"] = skills(r["report"])
         for split in ("report", "fresh"):
             row[split] = mix(r[split])
             for what, label in best[split].items():
@@ -214,6 +219,63 @@ def _vs_random(runs: list[dict]) -> dict:
     return out
 
 
+def trial_seconds(work: Path) -> dict:
+    """Per run: the median and total trial duration from its study (a resumed run's `search_seconds`
+    counts only its last process; the study's timestamps count every trial)."""
+    import statistics
+
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = {}
+    for db in sorted((work / "runs").glob("*/study.db")):
+        if not (db.parent / "bench.json").is_file():
+            continue
+        study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{db}")
+        done = [(t.datetime_complete - t.datetime_start).total_seconds()
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+        out[db.parent.name] = {"median_s": round(statistics.median(done), 2), "total_s": round(sum(done), 1)}
+    return out
+
+
+def _pm(d: dict) -> str:
+    return f"{d['point'] * 100:+.1f} ({d['low'] * 100:+.1f} to {d['high'] * 100:+.1f})"
+
+
+def markdown(t: dict) -> str:
+    """The README's tables: references, then each run, then the sampler pairs against random."""
+    best = t["best"]["report"]
+    tasks = list(next(iter(t["references"].values()))["skills"])
+    names = " / ".join(x.split("_", 1)[-1] for x in tasks)
+
+    def per_skill(v):
+        return " / ".join(f"{v['skills'][x]:.2f}" for x in tasks)
+
+    lines = [f"| reference | {names} | report mixture (95% interval) | fresh items |", "|---|---|---|---|"]
+    for k, v in t["references"].items():
+        mark = " (best naive)" if k == best["naive"] else " (best expert)" if k == best["expert"] else ""
+        lines.append(f"| {k}{mark} | {per_skill(v)} | {v['report']['point']:.3f} ({v['report']['low']:.3f}-"
+                     f"{v['report']['high']:.3f}) | {v['fresh']['point']:.3f} |")
+    lines += ["", f"| search (100 trials, 32 items per task a trial) | seed | {names} | report | minus best naive "
+              "(95% paired) | minus best expert | fresh | fresh minus best naive |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(t["runs"], key=lambda r: (r["row"], r["seed"])):
+        lines.append(f"| {r['row']} | {r['seed']} | {per_skill(r)} | {r['report']['point']:.3f} | "
+                     f"{_pm(r['report_minus_best_naive'])} | {_pm(r['report_minus_best_expert'])} | "
+                     f"{r['fresh']['point']:.3f} | {_pm(r['fresh_minus_best_naive'])} |")
+    lines += ["", "| row | seeds | mean report | mean minus best naive | seeds with interval > 0 | mean fresh |",
+              "|---|---|---|---|---|---|"]
+    for name, row in t["rows"].items():
+        lines.append(f"| {name} | {len(row['seeds'])} | {row['report']:.3f} | {row['report_minus_best_naive'] * 100:+.1f} "
+                     f"| {row['report_minus_best_naive_low_above_0']}/{len(row['seeds'])} | {row['fresh']:.3f} |")
+    if t.get("vs_random"):
+        lines += ["", "| sampler minus random (report, paired by seed) | per seed | mean |", "|---|---|---|"]
+        for name, v in t["vs_random"].items():
+            per = ", ".join(f"{d * 100:+.1f}" for d in v["per_seed"])
+            lines.append(f"| {name} | {per} | {v['mean'] * 100:+.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="references,samplers,spaces,fitness")
@@ -224,6 +286,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "real_family")
     ap.add_argument("--summary", action="store_true", help="only assemble the table from --work")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--markdown", type=Path, help="also write the README's tables here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -245,10 +308,13 @@ def main() -> int:
 
     table = summary(refs, runs, weights(load_space(fam / "space.yaml").objective))
     table["family"] = str(fam)
+    table["trial_seconds"] = trial_seconds(args.work)
     text = json.dumps(table, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(table) + "\n")
     return 0
 
 
