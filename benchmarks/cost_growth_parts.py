@@ -35,6 +35,7 @@ SIZES = {
 }
 VOCAB = 32000
 SOURCE_SHARD = "2GB"
+MIB = 2**20
 
 
 def log(msg: str) -> None:
@@ -242,9 +243,15 @@ def search_child(space_path: str, out: str, workers: str) -> int:
 
     space = load_space(space_path)
     plan = search_plan(space, RunOptions(workers=int(workers))).as_dict()
+    tree = TreeSampler()
+    tree.start()
     t0 = time.perf_counter()
-    result = run_search(space, out, workers=int(workers), select=False, write=False, evidence=False,
-                        progress=False, log=lambda *_: None)
+    try:
+        result = run_search(space, out, workers=int(workers), select=False, write=False, evidence=False,
+                            progress=False, log=lambda *_: None)
+    finally:
+        tree.done.set()
+        tree.join()
     wall = time.perf_counter() - t0
     trials = [t for t in result.study.trials if t.user_attrs.get("timings")]
     merges = sorted(t.user_attrs["timings"].get("merge", 0.0) for t in trials[1:])  # the first is a warm-up
@@ -253,7 +260,47 @@ def search_child(space_path: str, out: str, workers: str) -> int:
     info = {"trials": len(trials), "search_s": round(wall, 2), "merge_s": [round(x, 3) for x in merges],
             "merge_s_median": round(merges[len(merges) // 2], 3) if merges else None,
             "eval_s_median": round(evals[len(evals) // 2], 3) if evals else None, "setup_s": setup,
-            "plan": plan}
+            "plan": plan, "tree": tree.result()}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "child.json").write_text(json.dumps(info, indent=2))
     return 0
+
+
+class TreeSampler(threading.Thread):
+    """The memory of this process and all its descendants (Ray's daemons and actors), sampled every
+    0.5 s: the peak of the sums (RSS, heap, PSS) and each process's own peak RSS and heap."""
+
+    def __init__(self, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.every, self.done = every, threading.Event()
+        self.peak = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0, "processes": 0}
+        self.each: dict[str, dict] = {}
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.done.is_set():
+            total = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0}
+            procs = [me, *me.children(recursive=True)]
+            for p in procs:
+                try:
+                    m = p.memory_full_info()
+                    name = f"{p.pid}:{' '.join(p.cmdline()[:2])[-60:]}"
+                except (psutil.Error, OSError):
+                    continue
+                anon = getattr(m, "rss", 0) - getattr(m, "shared", 0)
+                row = {"rss_mb": m.rss / MIB, "anon_mb": anon / MIB, "pss_mb": getattr(m, "pss", 0) / MIB}
+                for k, v in row.items():
+                    total[k] += v
+                mine = self.each.setdefault(name, {"rss_mb": 0.0, "anon_mb": 0.0})
+                mine["rss_mb"], mine["anon_mb"] = max(mine["rss_mb"], row["rss_mb"]), max(mine["anon_mb"], row["anon_mb"])
+            for k, v in total.items():
+                self.peak[k] = max(self.peak[k], v)
+            self.peak["processes"] = max(self.peak["processes"], len(procs))
+            self.done.wait(self.every)
+
+    def result(self) -> dict:
+        r = {k: round(v, 1) for k, v in self.peak.items()}
+        r["each"] = {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in self.each.items()}
+        return r

@@ -105,6 +105,12 @@ def search_rows(work: Path) -> list[dict]:
     rows = []
     for r in _load(work, "search"):
         plan = _search_plan_now(work, r)
+        tree = r.get("tree") or {}
+        if r["workers"] > 1 and tree:  # Ray: the whole process tree (driver, daemons, actors), not the driver
+            actors = [v for k, v in tree["each"].items() if "ray::Worker" in k]
+            r = dict(r, rss_mb=tree["rss_mb"], peak_anon_mb=tree["anon_mb"], pss_mb=tree["pss_mb"],
+                     worker_rss_mb=max((a["rss_mb"] for a in actors), default=None),
+                     worker_anon_mb=max((a["anon_mb"] for a in actors), default=None))
         resident_mb = plan.get("resident", 0) / MIB
         rows.append({"size": r["size"], "params": r["params"], "space": r["space"], "workers": r["workers"],
                      "wall_s": r.get("wall_s"), "trials": r.get("trials"), "merge_s_median": r.get("merge_s_median"),
@@ -116,7 +122,8 @@ def search_rows(work: Path) -> list[dict]:
                      "plan_vs_heap_pct": round(100 * (plan.get("ram", 0) / MIB - r["peak_anon_mb"]) / r["peak_anon_mb"], 1)
                      if plan else None,
                      "rss_over_resident": round(r["rss_mb"] / resident_mb, 2) if resident_mb else None,
-                     "load": [r["before"]["load"][0], r["after"]["load"][0]], "utc": r["before"]["utc"]})
+                     "load": [r["before"]["load"][0], r["after"]["load"][0]], "utc": r["before"]["utc"],
+                     **{k: r[k] for k in ("pss_mb", "worker_rss_mb", "worker_anon_mb") if k in r}})
     return sorted(rows, key=lambda x: (x["params"], x["space"], x["workers"]))
 
 
@@ -171,7 +178,7 @@ def targets(merges: list[dict], searches: list[dict], f: dict) -> list[dict]:
             t.append({"target": f"TIES >= {TIES_TARGET}x faster than mergekit-yaml", "at": r["size"],
                       "measured": f"{ratio:.2f}x wall, {mk[0]['cpu_s'] / r['cpu_s']:.2f}x CPU", "met": ratio >= TIES_TARGET})
     for s in searches:
-        if s["resident_mb"]:
+        if s["resident_mb"] and s["workers"] == 1:
             t.append({"target": f"search RSS <= {SEARCH_FACTOR}x the resident model (+ page cache)",
                       "at": f"{s['size']} {s['space']} x{s['workers']}",
                       "measured": f"heap {s['peak_anon_mb']:.0f} MiB = {s['peak_anon_mb'] / s['resident_mb']:.2f}x "
@@ -219,6 +226,12 @@ def to_markdown(res: dict) -> str:
                          f"{s['peak_anon_mb'] / s['resident_mb']:.2f}x | {s['plan_mb']:.0f} ({s['plan_vs_heap_pct']:+.0f}%, "
                          f"{s['plan_error_pct']:+.0f}%) | "
                          f"{s['load'][0]:.1f} / {s['load'][1]:.1f} |")
+    for s in res["searches"]:
+        if s["workers"] > 1:
+            lines.append(f"\n{s['size']} {s['space']} with {s['workers']} Ray workers: the "
+                         f"process tree (driver, Ray's daemons, actors) summed: RSS {s['rss_mb']:.0f} MiB, PSS "
+                         f"{s.get('pss_mb', 0):.0f} MiB, heap {s['peak_anon_mb']:.0f} MiB; one actor at most "
+                         f"{s.get('worker_rss_mb') or 0:.0f} MiB RSS ({s.get('worker_anon_mb') or 0:.0f} MiB heap).")
     lines += ["", "| growth (power law, exponent k) | sizes | wall | CPU | peak RSS | RSS above the process |",
               "|---|---|---|---|---|---|"]
     for key, v in res["fits"].items():

@@ -6,7 +6,8 @@ worker process holds one resident model in the space's score dtype, the working 
 merge (engine/memory.py with views of the mapped sources: `copies=False`, written at once: `queue=1`)
 and the process itself (Python, torch, transformers, lm-eval: measured on the toy family). The sources
 are memory-mapped and shared between workers: page cache, which the kernel gives back, so not counted.
-With Ray (`--workers N`) the driver also keeps the pre-flight's checked model, and Ray's daemons run.
+With Ray (`--workers N`) the driver process and Ray's daemons come on top (the driver keeps the
+pre-flight's checked model, but never writes it: its pages are the mapped checkpoint's, page cache).
 On a GPU each worker's VRAM holds the resident model, the merge's working set and a CUDA context; its
 RAM still holds the process and, while transformers loads it, the model once.
 
@@ -32,8 +33,9 @@ from evomerge.errors import ConfigError
 # Resident memory of a search worker process before its model: Python, torch, transformers, datasets,
 # lm-eval, the tasks. Measured: `evomerge search` on the toy family (0.7M parameters) peaks at 721 MiB.
 SEARCH_PROCESS_BYTES = 760 * 10**6
-# Ray's own processes on this machine (GCS, raylet, dashboard agent, log monitor) with 2 workers.
-RAY_DAEMON_BYTES = 700 * 10**6
+# Ray's own processes on this machine (GCS, raylet, dashboard and its agents, idle workers): measured
+# 800 MiB of RSS (480 MiB of heap) over 9 processes with 2 workers (benchmarks/cost_growth.py --steps ray).
+RAY_DAEMON_BYTES = 850 * 10**6
 RAM_ENV, VRAM_ENV = "EVOMERGE_MEMORY_LIMIT", "EVOMERGE_VRAM_LIMIT"
 # A search's in-memory merge holds more per element than an export's (engine/memory.py's coefficients):
 # it reads bf16 views of the mapped files, so every float32 temporary is new, and the two merge threads
@@ -52,7 +54,7 @@ class SearchMemory:
     resident: int  # one resident model
     merge: int  # one in-memory merge's working set (the largest over the space's methods)
     process: int  # one worker process without its model
-    driver: int  # Ray: the driver (process + the pre-flight's model) and Ray's daemons; 0 in process
+    driver: int  # Ray: the driver process and Ray's daemons; 0 in process
     sources: int  # the source files, mapped and shared (page cache, not counted)
     vram_per_worker: int  # 0 on the CPU
 
@@ -85,7 +87,8 @@ def search_memory(plans: list, sources, *, dtype: str, workers: int = 1, device:
             m = merge_memory(p, sources, device=device, copies=False, queue=1, process=0)
             merge = max(merge, int(IN_MEMORY_FACTOR * (m.vram - CUDA_CONTEXT_BYTES if device != "cpu" else m.ram)))
     workers = max(1, int(workers))
-    driver = 0 if workers == 1 else SEARCH_PROCESS_BYTES + resident + RAY_DAEMON_BYTES
+    # the driver's pre-flight model is never merged into: its pages stay the mapped checkpoint's
+    driver = 0 if workers == 1 else SEARCH_PROCESS_BYTES + RAY_DAEMON_BYTES
     vram = CUDA_CONTEXT_BYTES + resident + merge if device != "cpu" else 0
     return SearchMemory(workers=workers, device=device, dtype=dtype, resident=resident, merge=merge,
                         process=SEARCH_PROCESS_BYTES, driver=driver, sources=source_bytes, vram_per_worker=vram)
@@ -164,7 +167,7 @@ def _fix(m: SearchMemory, ram: int) -> str:
         if n >= 2:
             tips.append(f"--workers {min(n, m.workers - 1)}")
         elif m.process + m.resident + m.merge <= ram:
-            tips.append("--workers 1 (in process: no Ray, no driver's copy of the model)")
+            tips.append("--workers 1 (in process: no Ray driver and daemons)")
     if ITEM_SIZE.get(m.dtype, 4) > 2:
         tips.append("out_dtype: bfloat16 in the space (half the resident model)")
     tips.append(f"free memory, or set {RAM_ENV} if more is really free")
