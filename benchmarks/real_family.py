@@ -138,8 +138,9 @@ def run(bench: Bench, name: str, stem: str, sampler: str, overrides: dict, seed:
     cached = out / "bench.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    # a row's own overrides (the fitness rows' `limit: 8`) win over the common ones
     space = load_space(bench.fam / f"{stem}.yaml").with_overrides(
-        trials=trials, sampler=sampler, seed=seed, limit=SEARCH_LIMIT, **overrides)
+        **{"trials": trials, "sampler": sampler, "seed": seed, "limit": SEARCH_LIMIT, **overrides})
     print(f"[real_family] {name}, seed {seed}: {trials} trials", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     result = run_search(space, out, executor=bench.executor, progress=False, select=False, write=False,
