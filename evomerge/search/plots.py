@@ -2,7 +2,7 @@
 the Pareto front of a multi-objective run, and the score chart that `eval` and report.md share.
 
 Why it exists: results people would rather see than read get a plot; report.md links them. Each plot is
-written atomically next to the run's other files (matplotlib is imported here only).
+written atomically next to the run's other files (matplotlib is imported inside the functions that draw).
 """
 
 from __future__ import annotations
