@@ -180,7 +180,10 @@ def _free_port() -> int:
 
 
 def _ray_cli(*args: str, timeout: float = 90) -> None:
-    proc = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout)
+    # Nodes started with `ray start` run their workers at Ray's default niceness 15, which starves them
+    # beside any other busy process (a loaded CI machine); users give theirs normal priority the same way.
+    env = {**os.environ, "RAY_worker_niceness": "0"}
+    proc = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"ray {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
 
@@ -432,6 +435,9 @@ def test_local_default_runs_and_ctrl_c_stops_cleanly(tmp_path):
         # bound to loopback by the executor itself (outside a namespace too: the setting Ray reads for it)
         assert first["loopback"] == "0" and first["addresses"] == ["127.0.0.1"], first
         pids = json.loads(proc.stdout.readline())["busy"]
+        # the workers run at the driver's priority, not Ray's default niceness 15 (starved when busy)
+        driver_nice = os.getpriority(os.PRIO_PROCESS, proc.pid)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [driver_nice] * 2
         time.sleep(1.0)  # both workers are mid-trial now
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C
