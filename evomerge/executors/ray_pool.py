@@ -16,7 +16,7 @@ How the contract (`Executor` in `executors/__init__.py`) is met:
   a replacement no node can host), so no trial stays RUNNING forever. A slot whose actors keep dying
   without finishing a trial is retired; when none is left, `wait` raises `EvomergeError`.
 - `close()` kills the actors and shuts down a Ray instance this executor started (Ctrl-C: the search
-  calls it from `finally`).
+  calls it from `finally`). A Ctrl-C whose KeyboardInterrupt Ray drops is raised by `wait` (`SigintLatch`).
 - Each outcome's `node` is "<hostname>/<Ray node id, 12 hex>", so trials on two nodes of one machine
   are told apart.
 
@@ -37,10 +37,9 @@ which keeps every socket of the local instance on 127.0.0.1. A cluster (`address
 network set-up and is left alone.
 
 Priority: a local instance's workers run at the driver's priority (`RAY_worker_niceness=0` unless the
-user set it), not at Ray's default niceness 15, which starves them beside any other busy process. A
-cluster's workers keep the niceness its nodes were started with.
-
-`ray` is imported here only, and only when a `RayExecutor` is created.
+user set it), not Ray's default niceness 15, which starves them beside other busy processes; a cluster's
+workers keep the niceness its nodes were started with. `ray` is imported here only, and only when a
+`RayExecutor` is created.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.executors.sigint import SigintLatch
 from evomerge.executors.worker import TrialJob, TrialOutcome, Worker, WorkerSpec
 
 # Environment variables the driver passes on to actors (a `ray start`ed node has its own environment).
@@ -113,9 +113,8 @@ def actor_options(
 
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds a local instance to 127.0.0.1
-# Ray starts its workers at niceness 15 unless told otherwise; beside any other busy process they then get
-# a few percent of a core (measured: ~4% each beside two busy loops on 2 cores). A local instance is this
-# search's own, so its workers run at the priority of the command the user launched (as in process).
+# Ray starts workers at niceness 15: beside other busy processes they get a few percent of a core (~4% each
+# beside two busy loops on 2 cores). A local instance is the search's own: its workers get the driver's.
 NICENESS_ENV = "RAY_worker_niceness"
 
 
@@ -207,6 +206,7 @@ class RayExecutor:
         self.timeout = timeout
         self.max_deaths = max_deaths
         self._closed = False
+        self._sigint = SigintLatch()
         self._owns_ray = False
 
         threads = int(spec.threads or 1)
@@ -224,6 +224,7 @@ class RayExecutor:
         for slot in self._slots:
             self._start_actor(slot)
         self._await_started(start_timeout)
+        self._sigint.install()  # removed by close()
 
     def _init_ray(self, address: str | None, num_cpus: int, init_kwargs: dict[str, Any] | None) -> None:
         """Join the cluster at `address`, or start a fresh local instance with `num_cpus` CPUs (this pool
@@ -273,6 +274,7 @@ class RayExecutor:
         ray = self._ray
         end = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._sigint.check()  # a Ctrl-C that a Ray callback swallowed (see executors/sigint.py)
             busy = [s for s in self._slots if s.job is not None]
             if not busy:
                 if self.slots == 0:
@@ -307,6 +309,7 @@ class RayExecutor:
         if self._closed:
             return
         self._closed = True
+        self._sigint.uninstall()
         ray = self._ray
         for slot in self._slots:
             if slot.actor is not None:
