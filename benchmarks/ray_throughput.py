@@ -24,7 +24,8 @@ fractions (target < 5%), median per-trial merge/eval time, the per-trial gap on 
 one trial's end and the next one's start (the Ray + driver overhead), and the CPU each worker got
 (`median_cpu_share_per_worker`, 1.0 = a full core; `cores_obtained`). On a machine busy with other
 sessions Linux shares CPU per session (sched_autogroup), so two workers may get barely more CPU than
-one; `speedup_2_over_1_per_core_obtained` then says how well the executor used what it got. Take the
+one (before commit eed268c the workers also ran at Ray's default niceness 15, which starved them
+further); `speedup_2_over_1_per_core_obtained` then says how well the executor used what it got. Take the
 1.7x target from a run where `cores_obtained.ray_2` is near 2.
 """
 
