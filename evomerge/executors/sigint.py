@@ -10,7 +10,9 @@ on a loaded machine: the interrupted search finished its budget and exited 0).
 `check()`, called by the executor between waits (at least every second), raises KeyboardInterrupt for a
 Ctrl-C whose exception never reached us. Nothing else changes: the previous handler still runs first (by
 default it raises KeyboardInterrupt at once), an ignored SIGINT stays ignored, and off the main thread
-(where Python allows no handler) the latch does nothing.
+(where Python allows no handler) the latch does nothing. The latch cannot tell a KeyboardInterrupt that
+reached the caller from one that was dropped: a caller that catches Ctrl-C and keeps waiting on the same
+executor gets it once more from `check()` (the search closes the executor instead).
 """
 
 from __future__ import annotations
