@@ -35,15 +35,20 @@ def test_a_swallowed_ctrl_c_is_raised_by_check_and_only_once():
 
 def test_the_previous_handler_still_runs_first_and_is_restored():
     calls = []
-    previous = signal.signal(signal.SIGINT, lambda s, f: calls.append(s))
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         latch = SigintLatch().install()
+        assert signal.getsignal(signal.SIGINT) == latch._handle
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(1000):
             pass
         assert calls == [signal.SIGINT] and latch.pending
         latch.uninstall()
-        assert signal.getsignal(signal.SIGINT) is not latch._handle
+        assert signal.getsignal(signal.SIGINT) is handler
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(1000):
             pass
